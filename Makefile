@@ -1,0 +1,31 @@
+# kltrain: `make run` trains the quickstart on the embedded model, `make test` runs the suite.
+# Both set up .venv on first use (scripts/bootstrap.sh) and are quick afterwards.
+VENV := .venv
+BIN := $(VENV)/bin
+export OMP_WAIT_POLICY ?= PASSIVE
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run test lint format bench clean
+
+setup:
+	@scripts/bootstrap.sh
+
+run: setup
+	$(BIN)/kltrain fit configs/quickstart.yaml
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: setup
+	$(BIN)/python scripts/bench_divergence.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

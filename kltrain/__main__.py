@@ -1,0 +1,3 @@
+from kltrain.cli import main
+
+raise SystemExit(main())
