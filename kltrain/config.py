@@ -1,0 +1,324 @@
+"""Typed run configuration: YAML + dotted overrides → validated objects.
+
+One name per concept, the same in YAML, code, metrics and docs. Every section forbids unknown
+keys; errors name the full dotted key, say what is valid and suggest the nearest known key.
+Derived sizes (per-process batch shares) are pure functions of (config, world size).
+"""
+
+from __future__ import annotations
+
+import difflib
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DivergenceName = str  # validated against kltrain.divergences at load time (built-in or "module:f")
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: names the key and what would be valid."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+
+
+class ModelConfig(Section):
+    policy: str = "smollm2-135m"
+    """Short name of an embedded model, a Hugging Face hub id, or a local folder."""
+    reference: str | None = None
+    """Defaults to the policy's starting weights. Must share the policy's tokenizer."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    reference_dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
+    """With LoRA the reference is the base model with the adapter disabled (one copy in memory)."""
+
+
+class DataConfig(Section):
+    prompts: str = "builtin:movie_reviews"
+    """`builtin:<name>`, a local .jsonl/.json/.csv/.parquet file, or a hub dataset id."""
+    split: str = "train"
+    prompt_column: str = "prompt"
+    chat_template: Literal["auto", "on", "off"] = "auto"
+    max_prompt_tokens: int = Field(128, gt=0)
+    shuffle: bool = True
+    system_prompt: str | None = None
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_new_tokens: int = Field(1, ge=0)
+
+
+class RewardTerm(Section):
+    name: str
+    """`sentiment`, `keyword`, `length`, `module:function` (TRL reward signature), or
+    `model:<hub id or folder>` for a sequence-classification reward model."""
+    weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    transforms: list[dict[str, Any] | str] = Field(default_factory=list)
+    """Applied in order to this term's scores: `logit`, `whiten`, `clip`, `scale`."""
+
+
+class RewardConfig(Section):
+    terms: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="sentiment")])
+    on_invalid: Literal["error", "skip"] = "error"
+
+    @field_validator("terms")
+    @classmethod
+    def _non_empty(cls, terms: list[RewardTerm]) -> list[RewardTerm]:
+        if not terms:
+            raise ValueError("needs at least one reward term, e.g. [{name: sentiment}]")
+        return terms
+
+
+class AdaptiveCoefConfig(Section):
+    target: float = Field(gt=0.0)
+    """Target per-sequence divergence (sum over tokens, mean over samples)."""
+    horizon: float = Field(10000.0, gt=0.0)
+
+
+class KLConfig(Section):
+    divergence: DivergenceName = "reverse_kl"
+    alpha: float | None = None
+    """Parameter of the `alpha` divergence (α ∉ {0, 1})."""
+    f_prime: str | None = None
+    """For a user f given as `module:f`: its derivative as `module:fp` (else autograd)."""
+    estimator: Literal["exact", "k1", "k2", "k3", "f_plain", "f_cv"] = "exact"
+    placement: Literal["loss", "reward", "both"] = "loss"
+    coef: float = Field(0.05, ge=0.0)
+    """β. β = 0 keeps the reference (for metrics) but removes the divergence from the objective."""
+    adaptive: AdaptiveCoefConfig | None = None
+    accept_gradient: str | None = None
+    """Opt in, by its key (e.g. `local forward_kl`), to an (estimator, placement) pair whose
+    gradient is not that of `divergence`."""
+    chunk_size: int = Field(1024, gt=0)
+    """Tokens per chunk in the memory-lean lm_head path."""
+    max: float | None = Field(None, gt=0.0)
+    """Stop the run if the mean per-sequence divergence exceeds this."""
+
+    def divergence_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        if self.alpha is not None:
+            params["alpha"] = self.alpha
+        if self.f_prime is not None:
+            params["f_prime"] = self.f_prime
+        return params
+
+
+class AlgorithmConfig(Section):
+    name: Literal["rloo", "grpo", "ppo", "fdpg"] = "rloo"
+    num_generations: int = Field(4, ge=1)
+    """Samples per prompt (k). RLOO and GRPO need k ≥ 2."""
+    epochs: int = Field(1, ge=1)
+    """Optimisation passes over each rollout batch."""
+    clip_range: float = Field(0.2, gt=0.0)
+    scale_rewards: bool = True
+    """GRPO: divide by the group's reward std (Dr. GRPO sets this off)."""
+    # PPO (issue 4) and f-DPG (issue 5) add their keys here.
+
+
+class TrackingWandbConfig(Section):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "kltrain"
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    run_name: str | None = None
+
+
+class TrackingConfig(Section):
+    wandb: TrackingWandbConfig = Field(default_factory=TrackingWandbConfig)
+    progress: bool = True
+
+
+class TrainerConfig(Section):
+    max_steps: int = Field(20, ge=1)
+    prompts_per_step: int = Field(8, ge=1)
+    """Global number of prompts per step (across processes); samples = prompts × k."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per forward/backward on one process (gradient accumulation fills the rest)."""
+    generation_batch_size: int | None = Field(None, ge=1)
+    learning_rate: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    output_dir: str | None = None
+    """Default: runs/<name>-<timestamp>."""
+    save_every: int = Field(0, ge=0)
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = Field(2, ge=1)
+    log_samples_every: int = Field(5, ge=0)
+    eval_every: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class RunConfig(Section):
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    kl: KLConfig = Field(default_factory=KLConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> RunConfig:
+        _validate_divergence(self.kl)
+        algo = self.algorithm
+        if algo.name in ("rloo", "grpo") and algo.num_generations < 2:
+            raise ValueError(
+                f"algorithm.num_generations must be ≥ 2 for {algo.name} (its baseline compares "
+                f"samples of the same prompt); got {algo.num_generations}"
+            )
+        return self
+
+    def resolved_output_dir(self) -> Path:
+        if self.trainer.output_dir:
+            return Path(self.trainer.output_dir)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / f"{self.name}-{stamp}"
+
+
+def _validate_divergence(kl: KLConfig) -> None:
+    """Resolve the divergence now, so a bad name or parameter fails at load time."""
+    from kltrain.divergences import get_divergence
+
+    try:
+        get_divergence(kl.divergence, **kl.divergence_params())
+    except (ValueError, ImportError, AttributeError, TypeError) as err:
+        raise ValueError(f"kl.divergence: {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------
+# Derived sizes: pure functions of (config, world size)
+
+
+def samples_per_step(cfg: RunConfig) -> int:
+    """Global sequences per step: prompts × samples per prompt."""
+    return cfg.trainer.prompts_per_step * cfg.algorithm.num_generations
+
+
+def prompts_per_process(cfg: RunConfig, world_size: int) -> int:
+    """Each process's share of the step's prompts; the global count must split evenly."""
+    total = cfg.trainer.prompts_per_step
+    if total % world_size:
+        raise ConfigError(
+            f"trainer.prompts_per_step={total} does not split evenly over {world_size} processes; "
+            f"use a multiple of {world_size}"
+        )
+    return total // world_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (if given), apply `a.b.c=value` overrides (values parsed as YAML), validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return config_from_dict(raw, source=str(path) if path else "<overrides>")
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`0.05`, `[a, b]`)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key{_suggest(e['loc'])}")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            where = key or "config"
+            lines.append(f"  {where}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _suggest(loc: tuple[Any, ...]) -> str:
+    """'; did you mean `kl.divergence`?' for a misspelt key, from the section's fields."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        model = _section_type(field.annotation)
+        if model is None:
+            return ""
+    names = list(getattr(model, "model_fields", {}))
+    match = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    prefix = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int))
+    if match:
+        return f"; did you mean `{prefix + '.' if prefix else ''}{match[0]}`?"
+    return f"; valid keys here: {', '.join(names)}"
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def to_yaml(cfg: RunConfig, extra: dict[str, Any] | None = None) -> str:
+    data = cfg.model_dump(mode="json")
+    if extra:
+        data = {**data, **extra}
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
