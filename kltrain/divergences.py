@@ -73,6 +73,38 @@ class Divergence:
         """
         return logp.exp() * self.f_prime((logp - logq).exp())
 
+    def f_at_zero(self) -> float:
+        """f(0): the term π_ref·f(0) of a token the policy gives probability 0."""
+        return float(self.f(torch.zeros((), dtype=torch.float64)))
+
+    def f_prime_at_infinity(self) -> float:
+        """f'(∞) = lim f(u)/u: the term π·f'(∞) of a token the reference gives probability 0.
+
+        Generic estimate from f' at u = 1e100 and 1e200 (still growing -> inf); built-ins are exact.
+        """
+        lo, hi = self.f_prime(torch.tensor([1e100, 1e200], dtype=torch.float64)).tolist()
+        return math.inf if abs(hi - lo) > 1e-6 * (1 + abs(hi)) else hi
+
+    def token_terms_with_support(self, logp: Tensor, logq: Tensor) -> Tensor:
+        """``token_terms`` that also takes log-probs of −inf (tokens outside a model's support).
+
+        π = 0 gives π_ref·f(0), π_ref = 0 gives π·f'(∞) (inf for reverse KL: MATH.md), both 0 give
+        0. Inputs are made finite before the formula so no 0·inf NaN reaches value or gradient.
+        """
+        p0, q0 = torch.isneginf(logp), torch.isneginf(logq)
+        if not (p0.any() or q0.any()):
+            return self.token_terms(logp, logq)
+        bad = p0 | q0
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        terms = self.token_terms(torch.where(bad, zero, logp), torch.where(bad, zero, logq))
+        terms = torch.where(bad, zero, terms)
+        only_p0, only_q0 = p0 & ~q0, q0 & ~p0
+        terms = torch.where(
+            only_p0, torch.where(only_p0, logq, zero).exp() * self.f_at_zero(), terms
+        )
+        finf = self.f_prime_at_infinity()
+        return torch.where(only_q0, torch.where(only_q0, logp, zero).exp() * finf, terms)
+
     def value_and_logit_grad(self, logp: Tensor, logq: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
         """Per-token D ``[...]`` and its gradient w.r.t. the policy logits ``[..., V]``.
 
@@ -93,6 +125,9 @@ class ReverseKL(Divergence):
 
     name = "reverse_kl"
     description = "KL(π‖π_ref) = Σ π(ℓ−ℓ_ref), f(u)=u·log u; mode-seeking, the RLHF default"
+
+    def f_prime_at_infinity(self):
+        return math.inf
 
     def f(self, u):
         return torch.special.xlogy(u, u)
@@ -118,6 +153,9 @@ class ForwardKL(Divergence):
 
     name = "forward_kl"
     description = "KL(π_ref‖π) = Σ π_ref(ℓ_ref−ℓ), f(u)=−log u; mass-covering (GDC/DPG)"
+
+    def f_prime_at_infinity(self):
+        return 0.0
 
     def f(self, u):
         return -torch.log(u)
@@ -145,6 +183,9 @@ class JensenShannon(Divergence):
     name = "js"
     description = "½KL(π‖m)+½KL(π_ref‖m), m=(π+π_ref)/2; symmetric, bounded by log 2"
 
+    def f_prime_at_infinity(self):
+        return 0.5 * _LOG2
+
     def f(self, u):
         return 0.5 * (torch.special.xlogy(u, u) - (u + 1) * torch.log((u + 1) / 2))
 
@@ -165,6 +206,9 @@ class TotalVariation(Divergence):
 
     name = "tv"
     description = "½Σ|π−π_ref|, f(u)=½|u−1|; bounded by 1"
+
+    def f_prime_at_infinity(self):
+        return 0.5
 
     def f(self, u):
         return 0.5 * (u - 1).abs()
@@ -201,6 +245,9 @@ class Alpha(Divergence):
         self.params = {"alpha": alpha}
         self.description = f"Amari α-divergence with α={alpha}"
 
+    def f_prime_at_infinity(self):
+        return math.inf if self.alpha > 1 else 1 / (1 - self.alpha)
+
     def f(self, u):
         a = self.alpha
         return (u.pow(a) - a * u - (1 - a)) / (a * (a - 1))
@@ -226,6 +273,9 @@ class Hellinger(Divergence):
     name = "hellinger"
     description = "squared Hellinger Σ(√π−√π_ref)², f(u)=(√u−1)²; symmetric, bounded by 2"
 
+    def f_prime_at_infinity(self):
+        return 1.0
+
     def f(self, u):
         return (u.sqrt() - 1) ** 2
 
@@ -247,6 +297,9 @@ class ChiSquared(Divergence):
 
     name = "chi2"
     description = "Pearson χ² Σ(π−π_ref)²/π_ref, f(u)=(u−1)²; heavy penalty where π ≫ π_ref"
+
+    def f_prime_at_infinity(self):
+        return math.inf
 
     def f(self, u):
         return (u - 1) ** 2
@@ -374,8 +427,9 @@ def token_divergence(
     ``policy_logits``, ``ref_logits``: ``[..., V]`` (any float dtype; upcast to fp32, float64 kept).
     ``mask``: ``[...]`` bool/0-1, True = real token. Returns ``[...]`` in the compute dtype:
     d = Σ_v π_ref(v)·f(exp(ℓ(v) − ℓ_ref(v))) in log space; masked positions are exactly 0, and
-    garbage (inf/NaN) logits there reach neither the value nor the gradient. Differentiable
-    w.r.t. ``policy_logits``.
+    garbage (inf/NaN) logits there reach neither the value nor the gradient. Logits of −inf
+    (a token outside one model's support) give the limit terms of ``token_terms_with_support``
+    (e.g. reverse KL = inf where π_ref = 0 < π). Differentiable w.r.t. ``policy_logits``.
     """
     div = as_divergence(name, **params)
     if policy_logits.shape != ref_logits.shape:
@@ -390,7 +444,7 @@ def token_divergence(
         # Replace masked rows before log_softmax: multiplying afterwards would let NaN through.
         z = torch.where(keep, z, torch.zeros((), dtype=dtype, device=z.device))
         zq = torch.where(keep, zq, torch.zeros((), dtype=dtype, device=zq.device))
-    d = div.token_terms(F.log_softmax(z, -1), F.log_softmax(zq, -1)).sum(-1)
+    d = div.token_terms_with_support(F.log_softmax(z, -1), F.log_softmax(zq, -1)).sum(-1)
     if mask is not None:
         d = torch.where(mask.bool(), d, torch.zeros((), dtype=dtype, device=d.device))
     return d

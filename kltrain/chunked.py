@@ -1,0 +1,255 @@
+"""The memory-lean lm_head path: per-token log-probs and exact divergences without [N, V] logits.
+
+Shapes: ``N`` flattened tokens (batch·seq), ``H`` hidden size, ``V`` vocabulary. The hidden
+states are the final, post-norm ones; the lm_head is ``logits = h @ Wᵀ + b`` with W ``[V, H]``.
+
+For each chunk of ``c`` rows, the logits are formed in fp32, used and dropped, and the gradient
+w.r.t. them is formed in closed form *inside the forward loop* (as Liger's fused linear
+cross-entropy does), so peak memory beyond the hidden states grows with the chunk size, not N:
+
+    ∂loss/∂z = a·(onehot(y) − π) + b·∂D/∂z,   ∂D/∂z_v = π_v (s_v − Σ_w π_w s_w), s = f'(π/π_ref)
+
+where a = ∂loss/∂logprob and b = ∂loss/∂D per row come from a tiny autograd.grad of ``loss_fn``
+on ``[c]`` leaves. Then grad_h = G @ W and grad_W += Gᵀ h: four lm_head matmuls in all (policy
+forward, reference forward, two for the policy's backward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kltrain.divergences import Divergence, as_divergence
+
+
+@dataclass
+class TokenChunk:
+    """One chunk of the flattened token axis, as ``loss_fn`` sees it.
+
+    index: the rows of ``[N]`` in this chunk (use it to slice advantages, masks, ...).
+    logprobs: ``[c]`` log π(token), fp32, differentiable.
+    divergence: ``[c]`` exact per-token D(π‖π_ref) over the full vocabulary, differentiable;
+    None when no divergence was asked for.
+    """
+
+    index: slice
+    logprobs: Tensor
+    divergence: Tensor | None
+
+
+_MM_OUT_DTYPE: dict[str, bool] = {}
+
+
+def _has_mm_out_dtype(device: torch.device) -> bool:
+    """Whether torch.mm(a, b, out_dtype=fp32) works for bf16/fp16 on this device type (CUDA)."""
+    if device.type not in _MM_OUT_DTYPE:
+        try:
+            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+            ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            ok = False
+        _MM_OUT_DTYPE[device.type] = ok
+    return _MM_OUT_DTYPE[device.type]
+
+
+class _Head:
+    """An lm_head whose products come out in fp32.
+
+    Half-precision operands use torch.mm(..., out_dtype=fp32) where the device has it (fp32
+    accumulate and output, no bf16 rounding of logits); otherwise they are upcast once per call —
+    not per chunk — at the cost of one fp32 copy of W and of h.
+    """
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None):
+        half = weight.dtype in (torch.bfloat16, torch.float16)
+        self.native = half and hidden.dtype == weight.dtype and _has_mm_out_dtype(weight.device)
+        if self.native or weight.dtype == torch.float64:
+            self.h, self.w = hidden.detach(), weight.detach()
+        else:
+            self.h, self.w = hidden.detach().float(), weight.detach().float()
+        self.b = None if bias is None else bias.detach().to(self._acc)
+
+    @property
+    def _acc(self) -> torch.dtype:
+        return torch.float64 if self.w.dtype == torch.float64 else torch.float32
+
+    def mm(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.native:
+            return torch.mm(a.to(self.w.dtype), b.to(self.w.dtype), out_dtype=torch.float32)
+        return torch.mm(a, b)
+
+    def logits(self, rows: slice) -> Tensor:
+        z = self.mm(self.h[rows], self.w.t())
+        return z if self.b is None else z.add_(self.b)
+
+
+def _log_softmax_(z: Tensor) -> Tensor:
+    """In-place log_softmax over the last axis (saves a [c, V] buffer per chunk)."""
+    return z.sub_(torch.logsumexp(z, -1, keepdim=True))
+
+
+def _check_inputs(hidden: Tensor, weight: Tensor, tokens: Tensor | None, what: str) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{what}: expected hidden [N, H] and weight [V, H], got "
+            f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    if tokens is not None and tokens.shape != hidden.shape[:1]:
+        raise ValueError(f"{what}: tokens must be [N]={hidden.shape[0]}, got {tuple(tokens.shape)}")
+
+
+def _ref_head(ref_hidden, ref_weight, ref_bias, policy_hidden, needed: bool) -> _Head | None:
+    if ref_hidden is None and ref_weight is None:
+        if needed:
+            raise ValueError("a divergence needs the reference: pass ref_hidden and ref_weight")
+        return None
+    if ref_hidden is None or ref_weight is None:
+        raise ValueError("pass both ref_hidden and ref_weight, or neither")
+    _check_inputs(ref_hidden, ref_weight, None, "reference")
+    if ref_hidden.shape[0] != policy_hidden.shape[0]:
+        raise ValueError("reference and policy hidden states must have the same N")
+    return _Head(ref_hidden, ref_weight, ref_bias)
+
+
+def _row_grads(loss_fn, rows: slice, logprobs: Tensor, d: Tensor | None):
+    """loss_fn on detached [c] leaves; returns (loss, ∂loss/∂logprobs, ∂loss/∂D or None)."""
+    lp = logprobs.detach().requires_grad_(True)
+    dv = None if d is None else d.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(TokenChunk(rows, lp, dv))
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise ValueError("loss_fn must return a scalar Tensor")
+        leaves = [lp] if dv is None else [lp, dv]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    return loss.detach(), grads[0], (grads[1] if dv is not None else None)
+
+
+class _FusedTokenLoss(torch.autograd.Function):
+    """Forward does the whole chunk loop and stores the input grads; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, loss_fn, ref, div, chunk_size):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        head = _Head(hidden, weight, bias)
+        acc = head._acc
+        n = hidden.shape[0]
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        for start in range(0, n, chunk_size):
+            rows = slice(start, min(start + chunk_size, n))
+            tok = tokens[rows].unsqueeze(1)
+            logp = _log_softmax_(head.logits(rows))
+            logq = None if div is None else _log_softmax_(ref.logits(rows))
+            p = logp.exp() if (need_h or need_w or need_b or div is not None) else None
+            d = dgrad = None
+            if div is not None:
+                d, dgrad = div.value_and_logit_grad(logp, logq, p)
+            del logq
+            loss, a, b = _row_grads(loss_fn, rows, logp.gather(1, tok).squeeze(1), d)
+            total += loss
+            if not (need_h or need_w or need_b):
+                continue
+            # G = b·∂D/∂z − a·π + a·onehot(y), built in place in dgrad (or p when no D).
+            g = p.mul_(-a.unsqueeze(1)) if dgrad is None else dgrad.mul_(b.unsqueeze(1))
+            if dgrad is not None:
+                g.addcmul_(p, a.unsqueeze(1), value=-1.0)
+            g.scatter_add_(1, tok, a.unsqueeze(1).to(g.dtype))
+            del logp, p, dgrad
+            if need_h:
+                grad_h[rows] = head.mm(g, head.w)
+            if need_w:
+                grad_w.add_(head.mm(g.t(), head.h[rows]))
+            if need_b:
+                grad_b.add_(g.sum(0))
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
+        ctx.grad_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.present = (grad_h is not None, grad_w is not None, grad_b is not None)
+        return total.float() if acc == torch.float32 else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        out = []
+        for present, dtype in zip(ctx.present, ctx.grad_dtypes):
+            out.append((next(saved) * grad_out).to(dtype) if present else None)
+        return (*out, None, None, None, None, None)
+
+
+def fused_token_loss(
+    policy_hidden: Tensor,
+    policy_weight: Tensor,
+    tokens: Tensor,
+    loss_fn: Callable[[TokenChunk], Tensor],
+    *,
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    divergence: str | Divergence | None = None,
+    chunk_size: int = 1024,
+    policy_bias: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+) -> Tensor:
+    """Σ_chunks loss_fn(chunk) without materialising [N, V] logits; differentiable.
+
+    policy_hidden ``[N, H]`` (final, post-norm), policy_weight ``[V, H]`` (the lm_head; its grad is
+    computed only if it requires grad, e.g. not when frozen under LoRA), tokens ``[N]`` long, and
+    ``ref_*`` the same for the frozen reference (never differentiated). ``loss_fn`` maps a
+    :class:`TokenChunk` to that chunk's scalar contribution; it is differentiated only w.r.t.
+    ``chunk.logprobs`` and ``chunk.divergence`` (any other tensor it uses is a constant).
+
+    Logits are fp32 even for bf16/fp16 inputs; grads are accumulated in fp32 and cast to each
+    input's dtype. The returned scalar's backward gives exactly the gradient of the sum w.r.t.
+    policy_hidden, policy_weight and policy_bias (four lm_head matmuls in all).
+    """
+    div = None if divergence is None else as_divergence(divergence)
+    _check_inputs(policy_hidden, policy_weight, tokens, "policy")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    ref = _ref_head(ref_hidden, ref_weight, ref_bias, policy_hidden, div is not None)
+    return _FusedTokenLoss.apply(
+        policy_hidden, policy_weight, policy_bias, tokens, loss_fn, ref, div, chunk_size
+    )
+
+
+@torch.no_grad()
+def token_stats(
+    policy_hidden: Tensor,
+    policy_weight: Tensor,
+    tokens: Tensor,
+    *,
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    divergences=(),
+    chunk_size: int = 1024,
+    policy_bias: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Per-token statistics ``[N]`` each, chunked like :func:`fused_token_loss`, no grad.
+
+    "logprobs" (log π(token)), "entropy" (−Σ_v π log π), "ref_logprobs" (if a reference is given),
+    and one entry per divergence (a Divergence or a name), keyed by its name.
+    """
+    divs = [as_divergence(d) for d in divergences]
+    _check_inputs(policy_hidden, policy_weight, tokens, "policy")
+    ref = _ref_head(ref_hidden, ref_weight, ref_bias, policy_hidden, bool(divs))
+    head = _Head(policy_hidden, policy_weight, policy_bias)
+    n = policy_hidden.shape[0]
+    keys = ["logprobs", "entropy"] + (["ref_logprobs"] if ref else []) + [d.name for d in divs]
+    out = {k: torch.empty(n, dtype=head._acc, device=policy_hidden.device) for k in keys}
+    for start in range(0, n, chunk_size):
+        rows = slice(start, min(start + chunk_size, n))
+        tok = tokens[rows].unsqueeze(1)
+        logp = _log_softmax_(head.logits(rows))
+        out["logprobs"][rows] = logp.gather(1, tok).squeeze(1)
+        out["entropy"][rows] = torch.special.entr(logp.exp()).sum(-1)
+        if ref is not None:
+            logq = F.log_softmax(ref.logits(rows), -1)
+            out["ref_logprobs"][rows] = logq.gather(1, tok).squeeze(1)
+            for d in divs:
+                out[d.name][rows] = d.token_terms(logp, logq).sum(-1)
+    return out
