@@ -1,0 +1,261 @@
+"""Advantages: hand-computed tensors, naive loops, numpy and TRL as independent references."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kltrain.advantages import (
+    RunningMoments,
+    assemble_token_rewards,
+    gae,
+    grpo_advantages,
+    reward_to_go,
+    rloo_advantages,
+    whiten,
+)
+
+F64 = torch.float64
+
+
+def _right_padded(lengths: list[int], width: int) -> torch.Tensor:
+    """Right-padded rows of the given lengths."""
+    return torch.arange(width).expand(len(lengths), width) < torch.tensor(lengths)[:, None]
+
+
+# --- RLOO / GRPO ---------------------------------------------------------------------------
+
+
+def test_rloo_hand_computed():
+    r = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0], dtype=F64)
+    # group 1: 1 - (2+6)/2, 2 - (1+6)/2, 6 - (1+2)/2; group 2: 0 - 3/2, 0 - 3/2, 3 - 0
+    expected = torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0], dtype=F64)
+    torch.testing.assert_close(rloo_advantages(r, 3), expected, rtol=0, atol=1e-15)
+
+
+def test_rloo_matches_naive_loop():
+    gen = torch.Generator().manual_seed(0)
+    k, p = 5, 7
+    r = torch.randn(p * k, generator=gen, dtype=F64)
+    expected = []
+    for i in range(p * k):
+        g = i // k
+        others = [r[j].item() for j in range(g * k, g * k + k) if j != i]
+        expected.append(r[i].item() - sum(others) / len(others))
+    torch.testing.assert_close(
+        rloo_advantages(r, k), torch.tensor(expected, dtype=F64), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_grpo_hand_computed():
+    r = torch.tensor([1.0, 2.0, 6.0, 4.0, 4.0, 4.0], dtype=F64)
+    # group 1: mean 3, deviations (-2, -1, 3), unbiased var (4+1+9)/2 = 7; group 2: constant.
+    std = math.sqrt(7.0)
+    s = std + 1e-4
+    expected = torch.tensor([-2 / s, -1 / s, 3 / s, 0.0, 0.0, 0.0], dtype=F64)
+    torch.testing.assert_close(grpo_advantages(r, 3), expected, rtol=1e-14, atol=0)
+    unscaled = torch.tensor([-2.0, -1.0, 3.0, 0.0, 0.0, 0.0], dtype=F64)
+    torch.testing.assert_close(grpo_advantages(r, 3, scale=False), unscaled, rtol=0, atol=0)
+
+
+def test_grpo_matches_naive_loop():
+    gen = torch.Generator().manual_seed(1)
+    k, p, eps = 4, 6, 1e-3
+    r = torch.randn(p * k, generator=gen, dtype=F64)
+    expected = []
+    for i in range(p * k):
+        group = [r[j].item() for j in range(i // k * k, i // k * k + k)]
+        mean = sum(group) / k
+        std = math.sqrt(sum((x - mean) ** 2 for x in group) / (k - 1))
+        expected.append((r[i].item() - mean) / (std + eps))
+    got = grpo_advantages(r, k, eps=eps)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=F64), rtol=1e-12, atol=1e-12)
+
+
+def test_grpo_matches_trl_group_normalisation():
+    """TRL's GRPOTrainer: (r - nanmean(group)) / (nanstd(group) + 1e-4), nanstd from trl."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    gen = torch.Generator().manual_seed(2)
+    k = 8
+    r = torch.randn(5 * k, generator=gen)
+    mean = torch.nanmean(r.view(-1, k), dim=1).repeat_interleave(k)
+    std = trl_utils.nanstd(r.view(-1, k), dim=1).repeat_interleave(k)
+    trl_adv = (r - mean) / (std + 1e-4)
+    torch.testing.assert_close(grpo_advantages(r, k), trl_adv, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [rloo_advantages, grpo_advantages])
+def test_group_layout_errors(fn):
+    with pytest.raises(ValueError, match="groups of 3"):
+        fn(torch.zeros(7), 3)
+    with pytest.raises(ValueError, match="≥ 2"):
+        fn(torch.zeros(4), 1)
+
+
+# --- reward-to-go and GAE ------------------------------------------------------------------
+
+
+def _gae_loop(rewards, values, mask, gamma, lam):
+    """Textbook GAE on each row's valid tokens, compacted, in Python floats."""
+    adv = np.zeros(rewards.shape)
+    ret = np.zeros(rewards.shape)
+    for b in range(rewards.shape[0]):
+        idx = [t for t in range(rewards.shape[1]) if mask[b, t]]
+        r = [float(rewards[b, t]) for t in idx]
+        v = [float(values[b, t]) for t in idx] + [0.0]
+        running = 0.0
+        for j in reversed(range(len(idx))):
+            delta = r[j] + gamma * v[j + 1] - v[j]
+            running = delta + gamma * lam * running
+            adv[b, idx[j]] = running
+            ret[b, idx[j]] = running + v[j]
+    return torch.tensor(adv), torch.tensor(ret)
+
+
+def test_gae_hand_computed_three_tokens():
+    r = torch.tensor([[0.0, 0.0, 1.0, 5.0]], dtype=F64)
+    v = torch.tensor([[0.5, 0.6, 0.7, float("nan")]], dtype=F64)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    # γ=0.9, λ=0.8: δ = (0.9·0.6−0.5, 0.9·0.7−0.6, 1−0.7) = (0.04, 0.03, 0.3)
+    # A_2 = 0.3, A_1 = 0.03 + 0.72·0.3 = 0.246, A_0 = 0.04 + 0.72·0.246 = 0.21712
+    adv, ret = gae(r, v, mask, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv, torch.tensor([[0.21712, 0.246, 0.3, 0.0]], dtype=F64))
+    torch.testing.assert_close(ret, torch.tensor([[0.71712, 0.846, 1.0, 0.0]], dtype=F64))
+    assert adv[0, 3].item() == 0.0 and ret[0, 3].item() == 0.0
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.7, 0.0), (0.5, 1.0)])
+def test_gae_matches_loop_with_padding(gamma, lam):
+    gen = torch.Generator().manual_seed(3)
+    lengths = [9, 1, 4, 7, 9, 2]
+    mask = _right_padded(lengths, 9)
+    mask[4, :3] = False  # a left-padded row too
+    r = torch.randn(6, 9, generator=gen, dtype=F64)
+    v = torch.randn(6, 9, generator=gen, dtype=F64)
+    v[~mask] = 1e6  # garbage at padding must not leak
+    adv, ret = gae(r, v, mask, gamma, lam)
+    exp_adv, exp_ret = _gae_loop(r, v, mask, gamma, lam)
+    torch.testing.assert_close(adv, exp_adv, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ret, exp_ret, rtol=1e-12, atol=1e-12)
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+
+
+def test_gae_gamma_lambda_one_is_reward_to_go_minus_value():
+    gen = torch.Generator().manual_seed(4)
+    mask = _right_padded([5, 3, 1], 5)
+    r = torch.randn(3, 5, generator=gen, dtype=F64)
+    v = torch.randn(3, 5, generator=gen, dtype=F64)
+    adv, ret = gae(r, v, mask, 1.0, 1.0)
+    rtg = reward_to_go(r, mask)
+    torch.testing.assert_close(adv, torch.where(mask, rtg - v, 0.0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ret, rtg, rtol=1e-12, atol=1e-12)
+
+
+def test_reward_to_go_hand_computed():
+    r = torch.tensor([[1.0, 2.0, 3.0, 7.0], [4.0, 0.0, 0.0, 0.0]], dtype=F64)
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    # γ=0.5: row 0: G2 = 3, G1 = 2 + 1.5 = 3.5, G0 = 1 + 1.75 = 2.75; row 1: 4
+    expected = torch.tensor([[2.75, 3.5, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]], dtype=F64)
+    torch.testing.assert_close(reward_to_go(r, mask, 0.5), expected, rtol=0, atol=1e-15)
+
+
+def test_outputs_are_detached():
+    r = torch.randn(2, 3, requires_grad=True)
+    v = torch.randn(2, 3, requires_grad=True)
+    mask = torch.ones(2, 3)
+    adv, ret = gae(r, v, mask, 1.0, 0.9)
+    assert not adv.requires_grad and not ret.requires_grad
+
+
+# --- token rewards -------------------------------------------------------------------------
+
+
+def test_assemble_token_rewards_lengths_and_padding():
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    penalty = torch.tensor(
+        [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, float("nan"), 9.0], [0.7, float("inf"), 1.0, 1.0]],
+        dtype=F64,
+    )
+    reward = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    got = assemble_token_rewards(reward, penalty, mask, coef=0.5)
+    expected = torch.tensor(
+        [
+            [-0.05, -0.10, -0.15, -0.20 + 1.0],
+            [-0.25, -0.30 + 2.0, 0.0, 0.0],
+            [-0.35 + 3.0, 0.0, 0.0, 0.0],
+        ],
+        dtype=F64,
+    )
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
+    # the sum over a row is R - coef·Σ d: the MATH.md PPO reward
+    torch.testing.assert_close(
+        got.sum(1), reward - 0.5 * torch.where(mask.bool(), penalty, 0).sum(1)
+    )
+
+
+def test_assemble_token_rewards_needs_a_valid_token():
+    with pytest.raises(ValueError, match="no valid token"):
+        assemble_token_rewards(
+            torch.ones(2), torch.zeros(2, 3), torch.tensor([[1, 0, 0], [0] * 3]), 0.1
+        )
+
+
+# --- whitening and running moments ---------------------------------------------------------
+
+
+def test_whiten_matches_numpy():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, generator=gen, dtype=F64) * 3 + 2
+    mask = _right_padded([6, 2, 5, 3], 6)
+    x[~mask] = float("nan")
+    valid = x[mask].numpy()
+    mean, std = valid.mean(), valid.std(ddof=0)
+    got = whiten(x, mask, eps=0.0)
+    np.testing.assert_allclose(got[mask].numpy(), (valid - mean) / std, rtol=1e-12)
+    assert (got[~mask] == 0).all()
+    scaled = whiten(x, mask, shift_mean=False, eps=0.0)
+    np.testing.assert_allclose(scaled[mask].numpy(), (valid - mean) / std + mean, rtol=1e-12)
+    flat = x[mask]
+    np.testing.assert_allclose(whiten(flat, eps=0.0).numpy(), (valid - mean) / std, rtol=1e-12)
+
+
+def test_running_moments_match_numpy_on_concatenation():
+    gen = torch.Generator().manual_seed(6)
+    rm = RunningMoments()
+    seen = []
+    for n in [1, 7, 30, 2, 64]:
+        x = torch.randn(n, 3, generator=gen, dtype=F64) * 0.5 + 1e6  # offset: stability
+        mask = torch.rand(n, 3, generator=gen) < 0.7
+        mask[0, 0] = True
+        batch_mean, batch_std = rm.update(x, mask)
+        seen.append(x[mask].numpy())
+        assert batch_mean == pytest.approx(seen[-1].mean(), rel=1e-14)
+        assert batch_std == pytest.approx(seen[-1].std(), rel=1e-8, abs=1e-10)
+        allx = np.concatenate(seen)
+        assert rm.count == allx.size
+        assert rm.mean == pytest.approx(allx.mean(), rel=1e-14)
+        assert rm.var == pytest.approx(allx.var(ddof=0), rel=1e-8)
+        assert rm.std == pytest.approx(allx.std(ddof=0), rel=1e-8)
+
+
+def test_running_moments_state_round_trip():
+    rm = RunningMoments()
+    rm.update(torch.tensor([1.0, 2.0, 4.0]))
+    restored = RunningMoments()
+    restored.load_state_dict(json.loads(json.dumps(rm.state_dict())))
+    x = torch.tensor([3.0, -1.0])
+    rm.update(x)
+    restored.update(x)
+    assert restored.state_dict() == rm.state_dict()
+    assert rm.mean == pytest.approx(9.0 / 5)
+    assert rm.var == pytest.approx(np.var([1.0, 2.0, 4.0, 3.0, -1.0]))
+
+
+def test_running_moments_empty_batch_is_noop():
+    rm = RunningMoments()
+    mean, std = rm.update(torch.ones(3), torch.zeros(3, dtype=torch.bool))
+    assert math.isnan(mean) and math.isnan(std) and rm.count == 0 and rm.std == 0.0
