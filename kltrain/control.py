@@ -88,9 +88,12 @@ class LogPartitionEstimate:
     averages **Z itself** (not log Z, whose average is biased low by Jensen), computed as
     `log Z ← logaddexp(log(1 − a) + log Z, log a + log Ẑ)` so that no exp(w) is ever formed:
     - `rate=None`: `a = n/(N + n)` with N the samples seen before, i.e. the plain mean of every
-      importance weight ever seen for the key (converges to Z while π_θ is fixed);
+      importance weight ever seen for the key. Z depends on π_ref, R and β but not on θ, so
+      every batch's Ẑ is unbiased whatever policy drew it and this mean converges to Z as the
+      policy trains: the default.
     - `rate` in (0, 1]: an exponential moving average with weight `a = rate` on the new batch
-      (follows a moving policy; `rate=1` keeps only the latest batch).
+      (`rate=1` keeps only the latest). Forgetting is only worth its extra variance when the
+      target itself moves (an adaptive β, a changing reward) or early weights were poor.
     The first batch of a key sets its estimate. Keys are str, int or None (None: one global
     estimate, for targets without a per-prompt Z).
     """

@@ -112,6 +112,24 @@ def test_cumulative_mean_is_the_mean_of_all_weights_and_converges():
     assert est.count["prompt"] == w.size
 
 
+def test_cumulative_mean_converges_while_the_policy_moves():
+    """Z does not depend on θ: batches drawn from a drifting policy all estimate the same Z."""
+    rng = np.random.default_rng(1)
+    est = LogPartitionEstimate(rate=None)
+    steps, n, var_sum = 4000, 4, 0.0
+    for step in range(steps):
+        s = step / steps  # π_θ drifts from PI_THETA to π_ref
+        pi = (1 - s) * PI_THETA + s * PI_REF
+        ys = rng.choice(4, size=n, p=pi)
+        log_w = REWARD[ys] / BETA + np.log(PI_REF[ys]) - np.log(pi[ys])
+        log_z = est.update(None, torch.tensor(log_w))
+        w = np.exp(REWARD / BETA) * PI_REF / pi
+        var_sum += n * (np.sum(pi * w**2) - Z_EXACT**2)  # exact variance of this batch's sum
+    std_err = math.sqrt(var_sum) / (steps * n)
+    assert abs(math.exp(log_z) - Z_EXACT) < 5 * std_err
+    assert 5 * std_err < 0.1 * Z_EXACT  # the bound is a real test
+
+
 def test_moving_average_of_z_in_plain_space():
     est = LogPartitionEstimate(rate=0.25)
     batches = [[0.0, 1.0], [2.0], [-1.0, 0.5, 3.0]]
