@@ -71,10 +71,10 @@ def load_prompts(cfg: DataConfig) -> datasets.Dataset:
     source = cfg.prompts
     if source.startswith(BUILTIN_PREFIX):
         _require_train_split(cfg, source)
-        ds = _load_builtin(source[len(BUILTIN_PREFIX) :])
+        ds = _load_builtin(source[len(BUILTIN_PREFIX) :], cfg.prompt_column)
     elif Path(source).suffix.lower() in LOCAL_FORMATS or Path(source).is_file():
         _require_train_split(cfg, source)
-        ds = _load_local(Path(source))
+        ds = _load_local(Path(source), cfg.prompt_column)
     else:
         ds = _load_hub(source, cfg.split)
     return _normalise(ds, cfg.prompt_column, source)
@@ -88,7 +88,7 @@ def _require_train_split(cfg: DataConfig, source: str) -> None:
         )
 
 
-def _load_builtin(name: str) -> datasets.Dataset:
+def _load_builtin(name: str, column: str) -> datasets.Dataset:
     available = builtin_prompt_sets()
     if name not in available:
         raise DataError(
@@ -96,10 +96,11 @@ def _load_builtin(name: str) -> datasets.Dataset:
             + ", ".join(f"builtin:{n}" for n in available)
         )
     path = resources.files("kltrain") / "prompts" / f"{name}.jsonl"
-    return _rows_to_dataset(_read_jsonl(path.read_text(encoding="utf-8"), f"builtin:{name}"))
+    source = f"builtin:{name}"
+    return _rows_to_dataset(_read_jsonl(path.read_text(encoding="utf-8"), source), column, source)
 
 
-def _load_local(path: Path) -> datasets.Dataset:
+def _load_local(path: Path, column: str) -> datasets.Dataset:
     suffix = path.suffix.lower()
     if suffix not in LOCAL_FORMATS:
         raise DataError(
@@ -109,10 +110,10 @@ def _load_local(path: Path) -> datasets.Dataset:
     if not path.is_file():
         raise DataError(f"data.prompts: file not found: {path}")
     try:
-        if suffix == ".jsonl":
-            return _rows_to_dataset(_read_jsonl(path.read_text(encoding="utf-8"), str(path)))
-        if suffix == ".json":
-            return _rows_to_dataset(_read_json(path.read_text(encoding="utf-8"), str(path)))
+        if suffix in (".jsonl", ".json"):
+            read = _read_jsonl if suffix == ".jsonl" else _read_json
+            rows = read(path.read_text(encoding="utf-8"), str(path))
+            return _rows_to_dataset(rows, column, str(path))
         if suffix == ".csv":
             import pandas as pd
 
@@ -170,11 +171,25 @@ def _read_json(text: str, source: str) -> list[dict[str, Any]]:
     )
 
 
-def _rows_to_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:
+def _rows_to_dataset(rows: list[dict[str, Any]], column: str, source: str) -> datasets.Dataset:
+    """Python rows → Dataset. The prompt column is validated row by row *first*: Arrow cannot
+    even hold a column that mixes strings and message lists, and its own error names no row."""
     if not rows:
-        return datasets.Dataset.from_dict({})
+        raise DataError(f"data.prompts: {source} has no rows")
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    return datasets.Dataset.from_dict({c: [row.get(c) for row in rows] for c in columns})
+    if column not in columns:
+        raise DataError(
+            f"data.prompt_column={column!r} is not a column of {source}; its columns are: "
+            + ", ".join(columns)
+        )
+    for i, row in enumerate(rows):
+        if column not in row:
+            raise DataError(f"{source}: row {i} has no {column!r} (data.prompt_column)")
+    _check_prompts([row[column] for row in rows], source)
+    try:
+        return datasets.Dataset.from_dict({c: [row.get(c) for row in rows] for c in columns})
+    except Exception as err:  # e.g. another column mixing types across rows
+        raise DataError(f"{source}: the rows do not form a table: {err}") from err
 
 
 def _load_hub(source: str, split: str) -> datasets.Dataset:
@@ -197,13 +212,13 @@ def _load_hub(source: str, split: str) -> datasets.Dataset:
 
 
 def _normalise(ds: datasets.Dataset, column: str, source: str) -> datasets.Dataset:
+    if len(ds) == 0:
+        raise DataError(f"data.prompts: {source} has no rows")
     if column not in ds.column_names:
-        have = ", ".join(ds.column_names) or "(none)"
+        have = ", ".join(ds.column_names)
         raise DataError(
             f"data.prompt_column={column!r} is not a column of {source}; its columns are: {have}"
         )
-    if len(ds) == 0:
-        raise DataError(f"data.prompts: {source} has no rows")
     if column != "prompt":
         if "prompt" in ds.column_names:
             raise DataError(
@@ -217,8 +232,14 @@ def _normalise(ds: datasets.Dataset, column: str, source: str) -> datasets.Datas
             f"{source}: column(s) {', '.join(map(repr, clash))} would collide with the reward "
             f"call's own arguments (prompts, completions); rename them"
         )
+    _check_prompts(ds["prompt"], source)
+    return ds
+
+
+def _check_prompts(prompts: Sequence[Any], source: str) -> None:
+    """Every prompt well formed (:func:`prompt_format`) and all of one format."""
     first_format = None
-    for i, prompt in enumerate(ds["prompt"]):
+    for i, prompt in enumerate(prompts):
         fmt = prompt_format(prompt, where=f"{source}: row {i}")
         if first_format is None:
             first_format = fmt
@@ -227,7 +248,6 @@ def _normalise(ds: datasets.Dataset, column: str, source: str) -> datasets.Datas
                 f"{source}: row {i} is a {fmt} prompt but row 0 is {first_format}; all rows must "
                 f"use one format (strings, or lists of {{role, content}} messages)"
             )
-    return ds
 
 
 def prompt_format(prompt: Any, where: str = "prompt") -> str:
