@@ -73,6 +73,35 @@ class Divergence:
         """
         return logp.exp() * self.f_prime((logp - logq).exp())
 
+    def f_prime_at_one(self) -> float:
+        """f'(1) (a subgradient where f has a kink there, e.g. 0 for tv)."""
+        return float(self.f_prime(torch.ones((), dtype=torch.float64)))
+
+    def cv_terms(self, logp: Tensor, logq: Tensor) -> Tensor:
+        """Elementwise π_ref·f̃(π/π_ref), f̃(u) = f(u) − f'(1)(u − 1): the control-variate form.
+
+        Sums to the same D (Σ π = Σ π_ref = 1) but each term is ≥ 0 for convex f. Generic form
+        token_terms − f'(1)(π − π_ref); built-ins with f'(1) ≠ 0 override it so that no inf − inf
+        occurs where the true term overflows.
+        """
+        c = self.f_prime_at_one()
+        terms = self.token_terms(logp, logq)
+        return terms if c == 0 else terms - c * (logp.exp() - logq.exp())
+
+    def f_over_u(self, rho: Tensor) -> Tensor:
+        """f(u)/u at u = e^ρ (the f_plain estimator), ``[...] -> [...]``.
+
+        Evaluated as π_ref·f(π/π_ref) at π = 1, π_ref = e^(−ρ) (degree-1 homogeneity), so it reuses
+        the stable ``token_terms``.
+        """
+        return self.token_terms(torch.zeros_like(rho), -rho)
+
+    def cv_over_u(self, rho: Tensor) -> Tensor:
+        """(f(u) − f'(1)(u − 1))/u at u = e^ρ (the f_cv estimator), from ``cv_terms`` likewise."""
+        if self.f_prime_at_one() == 0:
+            return self.f_over_u(rho)
+        return self.cv_terms(torch.zeros_like(rho), -rho)
+
     def f_at_zero(self) -> float:
         """f(0): the term π_ref·f(0) of a token the policy gives probability 0."""
         return float(self.f(torch.zeros((), dtype=torch.float64)))
@@ -141,6 +170,10 @@ class ReverseKL(Divergence):
     def weighted_score(self, logp, logq):
         return logp.exp() * (logp - logq + 1)
 
+    def cv_terms(self, logp, logq):
+        # π ρ − π + π_ref (u log u − u + 1); at π = 1 this is k3.
+        return logp.exp() * (logp - logq - 1) + logq.exp()
+
     def value_and_logit_grad(self, logp, logq, p):
         # Σ π(ρ+1) = D + 1, so ∂D/∂z = π(ρ + 1 − D − 1) = π(ρ − D): one [.., V] temporary.
         rho = logp - logq
@@ -169,6 +202,10 @@ class ForwardKL(Divergence):
     def weighted_score(self, logp, logq):
         # π·(−π_ref/π) = −π_ref: no division, so no 0·inf where π underflows.
         return -logq.exp()
+
+    def cv_terms(self, logp, logq):
+        # π_ref(−ρ) + π − π_ref, grouped so that an overflowing π_ref gives inf, not inf − inf.
+        return logq.exp() * (logq - logp - 1) + logp.exp()
 
     def value_and_logit_grad(self, logp, logq, p):
         q = logq.exp()
@@ -260,6 +297,16 @@ class Alpha(Divergence):
         a = self.alpha
         mixed = torch.exp(a * logp + (1 - a) * logq)
         return (mixed - a * logp.exp() - (1 - a) * logq.exp()) / (a * (a - 1))
+
+    def f_over_u(self, rho):
+        # The shared form would compute π_ref·(...) − (1−α)π_ref with π_ref = e^(−ρ) = inf at
+        # ρ ≪ 0 (inf − inf). Instead: u ≤ 1 -> e^(−ρ)·f(u) with f(u) finite (or inf for α < 0);
+        # u ≥ 1 -> (u^(α−1) − α − (1−α)/u)/(α(α−1)). Each branch sees only its own half of ρ.
+        a = self.alpha
+        lo, hi = rho.clamp(max=0), rho.clamp(min=0)
+        below = torch.exp(-lo) * self.f(lo.exp())
+        above = (torch.exp((a - 1) * hi) - a - (1 - a) * torch.exp(-hi)) / (a * (a - 1))
+        return torch.where(rho < 0, below, above)
 
     def weighted_score(self, logp, logq):
         # π·(u^(α−1) − 1)/(α−1) = (exp(αℓ + (1−α)ℓ_ref) − π)/(α−1).

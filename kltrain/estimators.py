@@ -57,10 +57,9 @@ def estimate(
     """Per-token estimate ``[...]`` from the sampled tokens' log-probs ``[...]`` under π and π_ref.
 
     k1 = ρ, k2 = ½ρ², k3 = (e^(−ρ) − 1) + ρ (reverse-KL estimators whatever ``divergence`` is);
-    f_plain = f(u)/u, f_cv = f(u)/u − f'(1)(1 − 1/u). f(u)/u is the divergence's own stable
-    π_ref·f(π/π_ref) at π = 1, π_ref = e^(−ρ), so it overflows to inf (not NaN) exactly where the
-    true value does. Computed in fp32 (float64 kept); differentiable w.r.t. ``logprobs``. Nothing
-    is clamped.
+    f_plain = f(u)/u, f_cv = (f(u) − f'(1)(u − 1))/u, by the divergence's stable ``f_over_u`` /
+    ``cv_over_u``, so built-ins overflow to inf (not NaN) exactly where the true value does.
+    Computed in fp32 (float64 kept); differentiable w.r.t. ``logprobs``. Nothing is clamped.
     """
     if estimator == "exact":
         raise ValueError(
@@ -77,14 +76,7 @@ def estimate(
         return 0.5 * rho**2
     if estimator == "k3":
         return torch.expm1(-rho) + rho
-    f_over_u = divergence.token_terms(torch.zeros_like(rho), -rho)
-    if estimator == "f_plain":
-        return f_over_u
-    return f_over_u + _f_prime_at_one(divergence) * torch.expm1(-rho)
-
-
-def _f_prime_at_one(divergence: Divergence) -> float:
-    return float(divergence.f_prime(torch.ones((), dtype=torch.float64)))
+    return divergence.f_over_u(rho) if estimator == "f_plain" else divergence.cv_over_u(rho)
 
 
 @dataclass(frozen=True)
