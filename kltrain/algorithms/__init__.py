@@ -1,0 +1,22 @@
+"""Algorithms by config name (``algorithm.name``)."""
+
+from __future__ import annotations
+
+from kltrain.algorithms.base import Algorithm, TrainBatch
+from kltrain.algorithms.grpo import Grpo
+from kltrain.algorithms.rloo import Rloo
+from kltrain.config import RunConfig
+
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Rloo, Grpo)}
+
+
+def make_algorithm(cfg: RunConfig) -> Algorithm:
+    name = cfg.algorithm.name
+    if name not in ALGORITHMS:
+        raise ValueError(
+            f"algorithm.name={name!r} is not available; choose one of {sorted(ALGORITHMS)}"
+        )
+    return ALGORITHMS[name](cfg)
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "TrainBatch", "make_algorithm"]

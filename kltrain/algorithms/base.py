@@ -1,0 +1,99 @@
+"""What every algorithm provides to the loop: advantages from a scored rollout, and the per-token
+policy loss evaluated inside the lm_head kernel.
+
+Shapes: ``[B]`` per sequence, ``[B, T]`` per completion token (zero on padding), ``[n]`` the
+flattened valid tokens of one lm_head chunk.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from kltrain.config import RunConfig
+from kltrain.losses import token_policy_loss
+from kltrain.rollout import Rollout
+
+
+@dataclass
+class TrainBatch:
+    """A rollout ready for optimisation."""
+
+    rollout: Rollout
+    advantages: Tensor  # [B, T]
+    extras: dict[str, Tensor] = field(default_factory=dict)  # algorithm-specific, [B] or [B, T]
+    metrics: dict[str, float] = field(default_factory=dict)  # advantage statistics etc.
+
+
+class Algorithm(ABC):
+    """An RL algorithm is (advantages, per-token policy loss); the loop does everything else."""
+
+    name: ClassVar[str]
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.clip_range = cfg.algorithm.clip_range
+
+    @abstractmethod
+    def prepare(self, rollout: Rollout, rewards: Tensor, penalty: Tensor | None) -> TrainBatch:
+        """``rewards`` [B] sequence rewards; ``penalty`` [B, T] the per-token reward penalty
+        ``β·d_t`` when the divergence is placed in the reward (else None)."""
+
+    def token_loss(
+        self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """[n] per-token policy loss (clipped surrogate; plain policy gradient on-policy) and
+        detached per-token stats ("clipped", "approx_kl", "ratio")."""
+        return token_policy_loss(logprobs, old_logprobs, advantages, self.clip_range)
+
+    def hidden_loss(
+        self, hidden: Tensor, batch: TrainBatch, rows: Tensor, num_tokens: int
+    ) -> Tensor | None:
+        """Extra loss on the policy's completion hidden states [b, T, H] (e.g. PPO's value head),
+        normalised by the global token count; None when the algorithm has none."""
+        del hidden, batch, rows, num_tokens
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+class GroupBaselineAlgorithm(Algorithm):
+    """RLOO and GRPO: k samples per prompt; the baseline comes from the other samples.
+
+    With the divergence in the reward, token t's return is ``R − Σ_{t'≥t} β·d_t'`` (reward-to-go,
+    MATH.md). The baseline b and scale s come from the sequence totals ``G = R − Σ_t β·d_t``, so
+    ``A_t = (G − b)/s + (Σ_{t'<t} β·d_t')/s``: the penalties before t are not charged to token t.
+    """
+
+    @abstractmethod
+    def baseline_and_scale(self, totals: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+        """[B] sequence totals, contiguous groups of ``group_size`` → (baseline [B], scale [B])."""
+
+    def prepare(self, rollout: Rollout, rewards: Tensor, penalty: Tensor | None) -> TrainBatch:
+        mask = rollout.completion_mask
+        if penalty is None:
+            penalty = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
+        penalty = penalty * mask
+        totals = rewards - penalty.sum(dim=1)
+        baseline, scale = self.baseline_and_scale(totals, self.cfg.algorithm.num_generations)
+        earlier = torch.cumsum(penalty, dim=1) - penalty  # Σ_{t'<t} β·d_t'
+        advantages = ((totals - baseline) / scale).unsqueeze(1) + earlier / scale.unsqueeze(1)
+        advantages = advantages * mask
+        seq_adv = (totals - baseline) / scale
+        return TrainBatch(
+            rollout,
+            advantages,
+            metrics={"advantage/mean": seq_adv.mean().item(), "advantage/std": _std(seq_adv)},
+        )
+
+
+def _std(x: Tensor) -> float:
+    return x.std(unbiased=False).item() if x.numel() > 1 else 0.0

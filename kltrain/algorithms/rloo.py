@@ -1,0 +1,17 @@
+"""RLOO (Ahmadian et al. 2024): the baseline of each sample is the mean of the other k−1."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kltrain.advantages import rloo_advantages
+from kltrain.algorithms.base import GroupBaselineAlgorithm
+
+
+class Rloo(GroupBaselineAlgorithm):
+    name = "rloo"
+
+    def baseline_and_scale(self, totals: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+        baseline = totals - rloo_advantages(totals, group_size)  # mean of the others
+        return baseline, torch.ones_like(totals)

@@ -1,0 +1,193 @@
+"""Rollouts: generate completions, build masks, and compute per-token statistics once per batch.
+
+Shapes: B sequences (prompts × samples per prompt, this process's share), P padded prompt length
+(prompts are left-padded), T padded completion length (completions are right-padded), H hidden
+size, N the number of valid completion tokens (``completion_mask.sum()``).
+
+The position that predicts completion token t is ``P - 1 + t``: hidden states are taken there.
+Everything computed here is computed without gradient and once per rollout batch (never once per
+optimisation epoch): the policy's log-probs at sampling time ("old"), the reference's log-probs,
+final hidden states (kept so the exact divergence can be trained without a second reference
+forward) and the exact per-token divergences that every run logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from kltrain.chunked import token_stats
+from kltrain.divergences import Divergence
+from kltrain.models import Models, final_hidden_states, lm_head_params
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled completions and everything measured on it (no gradient)."""
+
+    prompt_indices: list[int]  # [B] dataset row of each sequence
+    group_ids: Tensor  # [B] long: sequences with the same id share a prompt
+    prompts: list  # [B] prompts as the dataset gave them (string or messages)
+    completions: list[str]  # [B] decoded completions (special tokens removed)
+    input_ids: Tensor  # [B, P + T] prompt (left-padded) then completion (right-padded)
+    attention_mask: Tensor  # [B, P + T]
+    completion_mask: Tensor  # [B, T] bool: completion tokens up to and including the first EOS
+    prompt_length: int  # P
+    stats: dict[str, Tensor] = field(default_factory=dict)
+    """[B, T] per-token tensors, zero on padding: "logprobs" (policy at sampling time),
+    "ref_logprobs", "entropy", and one exact divergence per name (e.g. "reverse_kl")."""
+    ref_hidden: Tensor | None = None  # [B, T, H] reference final hidden states, when kept
+
+    @property
+    def completion_ids(self) -> Tensor:  # [B, T]
+        return self.input_ids[:, self.prompt_length :]
+
+    @property
+    def num_sequences(self) -> int:
+        return self.input_ids.shape[0]
+
+    def completion_lengths(self) -> Tensor:  # [B]
+        return self.completion_mask.sum(dim=1)
+
+
+def completion_mask_from_ids(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> Tensor:
+    """[B, T] → [B, T] bool: True up to and including the first EOS of each row.
+
+    ``generate`` fills finished rows with the pad token, which is often the EOS token itself, so
+    the mask comes from the first EOS, not from comparing with the pad id.
+    """
+    is_eos = torch.zeros_like(completion_ids, dtype=torch.bool)
+    for eos in eos_token_ids:
+        is_eos |= completion_ids == eos
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS strictly before t
+    return eos_before == 0
+
+
+@torch.no_grad()
+def generate(
+    models: Models,
+    prompt_texts: list[str],
+    *,
+    max_prompt_tokens: int,
+    max_new_tokens: int,
+    min_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    batch_size: int,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Sample one completion per prompt text.
+
+    Returns ``(input_ids [B, P+T], attention_mask [B, P+T], completion_mask [B, T], P)`` with a
+    common P (left padding) and T (right padding) across generation micro-batches.
+    """
+    tok = models.tokenizer
+    policy = models.policy
+    device = next(policy.parameters()).device
+    enc = tok(
+        prompt_texts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max_prompt_tokens,
+        add_special_tokens=False,
+    )
+    prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    eos_ids = _eos_ids(models)
+    was_training = policy.training
+    policy.eval()
+    outputs = []
+    for start in range(0, len(prompt_texts), batch_size):
+        sl = slice(start, start + batch_size)
+        out = policy.generate(
+            input_ids=prompt_ids[sl],
+            attention_mask=prompt_mask[sl],
+            do_sample=True,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            temperature=temperature,
+            top_k=top_k if top_k > 0 else None,
+            top_p=top_p,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=eos_ids,
+        )
+        outputs.append(out[:, prompt_ids.shape[1] :])
+    policy.train(was_training)
+    pad = tok.pad_token_id
+    width = max(o.shape[1] for o in outputs)
+    completion_ids = torch.cat(
+        [torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad) for o in outputs]
+    )
+    completion_mask = completion_mask_from_ids(completion_ids, eos_ids)
+    completion_ids = completion_ids.masked_fill(~completion_mask, pad)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
+    return input_ids, attention_mask, completion_mask, prompt_ids.shape[1]
+
+
+def _eos_ids(models: Models) -> list[int]:
+    eos = models.policy.generation_config.eos_token_id
+    if eos is None:
+        eos = models.tokenizer.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    return [int(i) for i in ids if i is not None]
+
+
+def completion_hidden(
+    model, input_ids: Tensor, attention_mask: Tensor, prompt_length: int
+) -> Tensor:
+    """[B, P+T] → [B, T, H]: the final hidden state at each position that predicts a completion
+    token (position ``P - 1 + t`` predicts token ``t``)."""
+    hidden = final_hidden_states(model, input_ids, attention_mask)
+    return hidden[:, prompt_length - 1 : -1]
+
+
+@torch.no_grad()
+def measure(
+    rollout: Rollout,
+    models: Models,
+    divergences: Sequence[Divergence],
+    *,
+    micro_batch_size: int,
+    chunk_size: int,
+    keep_ref_hidden: bool,
+) -> None:
+    """Fill ``rollout.stats`` (and ``ref_hidden`` if asked) in micro-batches of sequences."""
+    policy_w, policy_b = lm_head_params(models.policy)
+    with models.reference_context():
+        ref_w, ref_b = lm_head_params(models.reference_model)
+    parts: list[dict[str, Tensor]] = []
+    ref_hiddens = []
+    for start in range(0, rollout.num_sequences, micro_batch_size):
+        sl = slice(start, start + micro_batch_size)
+        ids, att = rollout.input_ids[sl], rollout.attention_mask[sl]
+        mask = rollout.completion_mask[sl]
+        h = completion_hidden(models.policy, ids, att, rollout.prompt_length)
+        with models.reference_context():
+            h_ref = completion_hidden(models.reference_model, ids, att, rollout.prompt_length)
+        flat = token_stats(
+            h[mask],
+            policy_w,
+            rollout.completion_ids[sl][mask],
+            ref_hidden=h_ref[mask],
+            ref_weight=ref_w,
+            divergences=divergences,
+            chunk_size=chunk_size,
+            policy_bias=policy_b,
+            ref_bias=ref_b,
+        )
+        parts.append({k: scatter_tokens(v, mask) for k, v in flat.items()})
+        if keep_ref_hidden:
+            ref_hiddens.append(h_ref * mask.unsqueeze(-1))
+    rollout.stats = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    rollout.ref_hidden = torch.cat(ref_hiddens) if keep_ref_hidden else None
+
+
+def scatter_tokens(values: Tensor, mask: Tensor) -> Tensor:
+    """[N] values of the valid tokens → [B, T] with zeros on padding."""
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    out[mask] = values
+    return out

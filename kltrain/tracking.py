@@ -1,0 +1,157 @@
+"""What a run shows and leaves behind: the console progress bar and summary, ``config.yaml``,
+``metrics.jsonl`` (one JSON object per step), ``samples.jsonl``, and W&B through Accelerate's
+trackers. Only the main process writes."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from kltrain import __version__
+from kltrain.config import RunConfig, to_yaml
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from kltrain.objective import Regulariser
+    from kltrain.trainer import StepResult
+
+LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "trl", "peft", "wandb")
+#: Shown on the progress bar, in this order, when present.
+PROGRESS_KEYS = ("reward/mean", "divergence/reverse_kl", "train/coef", "time/step_seconds")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"kltrain": __version__, "python": sys.version.split()[0]}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+class RunLogger:
+    def __init__(self, cfg: RunConfig, output_dir: Path, accelerator: Accelerator):
+        self.cfg = cfg
+        self.dir = Path(output_dir)
+        self.acc = accelerator
+        self.main = accelerator.is_main_process
+        self.history: list[dict[str, Any]] = []
+        self.bar: tqdm | None = None
+
+    def start(self, regulariser: Regulariser, first_step: int = 0) -> None:
+        if not self.main:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        extra = {
+            "versions": library_versions(),
+            "gradient_followed": regulariser.gradient.key,
+        }
+        (self.dir / "config.yaml").write_text(to_yaml(self.cfg, extra))
+        print(
+            f"kltrain: run folder {self.dir}\n"
+            f"kltrain: {self.cfg.algorithm.name}, {regulariser.metric_name} in the "
+            f"{regulariser.placement}: follows the {regulariser.gradient.key} gradient "
+            f"({regulariser.gradient.explanation})",
+            flush=True,
+        )
+        self._init_wandb(extra)
+        self.bar = tqdm(
+            total=self.cfg.trainer.max_steps,
+            initial=first_step,
+            desc=self.cfg.name,
+            disable=not self.cfg.tracking.progress,
+            dynamic_ncols=True,
+        )
+
+    def _init_wandb(self, extra: dict[str, Any]) -> None:
+        wb = self.cfg.tracking.wandb
+        if wb.mode == "disabled":
+            return
+        os.environ.setdefault("WANDB_SILENT", "true")
+        init = {
+            "mode": wb.mode,
+            "group": wb.group,
+            "tags": wb.tags or None,
+            "name": wb.run_name or self.dir.name,
+            "dir": str(self.dir),
+        }
+        config = {**self.cfg.model_dump(mode="json"), **extra}
+        self.acc.init_trackers(wb.project, config=config, init_kwargs={"wandb": init})
+
+    def log_step(self, result: StepResult) -> None:
+        metrics = {"step": result.step, **result.metrics}
+        if self.cfg.tracking.wandb.mode != "disabled":
+            self.acc.log(result.metrics, step=result.step)
+        if not self.main:
+            return
+        self.history.append(metrics)
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(metrics, allow_nan=True) + "\n")
+        every = self.cfg.trainer.log_samples_every
+        if every and (result.step % every == 0 or result.step == 1):
+            self._write_samples(result)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                {k.split("/")[-1]: _short(metrics[k]) for k in PROGRESS_KEYS if k in metrics}
+            )
+
+    def _write_samples(self, result: StepResult) -> None:
+        r = result.rollout
+        with open(self.dir / "samples.jsonl", "a") as fh:
+            for i, completion in enumerate(r.completions):
+                row = {
+                    "step": result.step,
+                    "prompt": r.prompts[i],
+                    "completion": completion,
+                    "reward": float(result.rewards[i]),
+                    "length": int(r.completion_mask[i].sum()),
+                }
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def finish(self) -> dict[str, float]:
+        if self.cfg.tracking.wandb.mode != "disabled":
+            self.acc.end_training()
+        if not self.main:
+            return {}
+        if self.bar is not None:
+            self.bar.close()
+        summary = summarise(self.history)
+        if summary:
+            print("kltrain: summary " + ", ".join(f"{k}={_short(v)}" for k, v in summary.items()))
+            print(f"kltrain: wrote {self.dir}", flush=True)
+        return summary
+
+
+def summarise(history: list[dict[str, Any]], window: int = 3) -> dict[str, float]:
+    """Mean reward over the first and last ``window`` steps, and the final divergences."""
+    if not history:
+        return {}
+    first, last = history[:window], history[-window:]
+    out = {
+        "steps": float(history[-1]["step"]),
+        "reward_first": _avg(first, "reward/mean"),
+        "reward_last": _avg(last, "reward/mean"),
+    }
+    for key in ("divergence/reverse_kl", "divergence/forward_kl", "divergence/js"):
+        if key in history[-1]:
+            out[key.split("/")[-1] + "_final"] = float(history[-1][key])
+    return out
+
+
+def _avg(rows: list[dict[str, Any]], key: str) -> float:
+    vals = [float(r[key]) for r in rows if key in r]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,424 @@
+"""The Accelerate loop: the one place that knows about processes and devices.
+
+One step: sample this process's share of the step's prompts → generate k completions each →
+measure per-token statistics (policy, reference, exact divergences) → score → advantages →
+optimise (micro-batches, losses normalised by the step's *global* valid-token count, gradients
+summed across processes) → update β → log (metrics reduced across processes, files written by the
+main process only) → checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from torch import Tensor
+from transformers import get_scheduler
+
+from kltrain import checkpoint
+from kltrain.algorithms import TrainBatch, make_algorithm
+from kltrain.chunked import TokenChunk, fused_token_loss
+from kltrain.config import RunConfig, prompts_per_process
+from kltrain.control import make_coef
+from kltrain.data import PromptSampler, load_prompts, process_share, render_prompt
+from kltrain.divergences import get_divergence
+from kltrain.models import Models, lm_head_params, load_models
+from kltrain.objective import LOGGED_DIVERGENCES, build_regulariser
+from kltrain.rewards import RewardFunction
+from kltrain.rollout import Rollout, completion_hidden, generate, measure
+from kltrain.tracking import RunLogger
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (a guard fired); the message says at which step and why."""
+
+
+@dataclass
+class StepResult:
+    step: int
+    metrics: dict[str, float]
+    rollout: Rollout
+    rewards: Tensor
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    consecutive_skips: int = 0
+    skipped_steps: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Build everything a config names, then ``fit()``."""
+
+    def __init__(self, cfg: RunConfig, accelerator: Accelerator | None = None):
+        self.cfg = cfg
+        self.accelerator = accelerator or _make_accelerator(cfg)
+        acc = self.accelerator
+        set_seed(cfg.seed, device_specific=True)  # per-process sampling seeds
+        self.output_dir = _shared_output_dir(cfg, acc)
+        self.regulariser = build_regulariser(cfg.kl)
+        self.models: Models = load_models(cfg.model)
+        self.models.policy.to(acc.device)
+        if self.models.reference is not None:
+            self.models.reference.to(acc.device)
+        self.dataset = load_prompts(cfg.data)
+        self.sampler = PromptSampler(len(self.dataset), seed=cfg.seed, shuffle=cfg.data.shuffle)
+        self.reward_fn = RewardFunction(
+            cfg.reward, device=acc.device, trust_remote_code=cfg.model.trust_remote_code
+        )
+        adaptive = cfg.kl.adaptive
+        self.coef = make_coef(
+            cfg.kl.coef,
+            adaptive.target if adaptive else None,
+            adaptive.horizon if adaptive else None,
+        )
+        self.algorithm = make_algorithm(cfg)
+        self.params = [p for p in self.models.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=cfg.trainer.learning_rate,
+            betas=cfg.trainer.adam_betas,
+            weight_decay=cfg.trainer.weight_decay,
+        )
+        self.scheduler = get_scheduler(
+            cfg.trainer.lr_schedule,
+            self.optimizer,
+            num_warmup_steps=cfg.trainer.warmup_steps,
+            num_training_steps=cfg.trainer.max_steps,
+        )
+        logged = {n: get_divergence(n) for n in LOGGED_DIVERGENCES}
+        logged[self.regulariser.divergence.name] = self.regulariser.divergence
+        self.measured_divergences = list(logged.values())
+        self.state = TrainerState()
+        self.logger = RunLogger(cfg, self.output_dir, acc)
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        """Train for ``trainer.max_steps`` steps; returns the run summary."""
+        cfg = self.cfg
+        self.logger.start(self.regulariser)
+        try:
+            while self.state.step < cfg.trainer.max_steps:
+                result = self.train_step()
+                self.logger.log_step(result)
+                if _due(cfg.trainer.save_every, self.state.step, cfg.trainer.max_steps):
+                    self.save_checkpoint()
+            self.save_final()
+        finally:
+            summary = self.logger.finish()
+        return summary
+
+    def train_step(self) -> StepResult:
+        started = time.perf_counter()
+        step = self.state.step + 1
+        rollout = self.make_rollout()
+        rewards, reward_metrics = self.score(rollout, step)
+        penalty = None
+        if self.regulariser.in_reward and self.coef.value > 0:
+            penalty = self.coef.value * self.regulariser.reward_penalty(rollout.stats)
+        batch = self.algorithm.prepare(rollout, rewards, penalty)
+        update_metrics = self.optimise(batch, step)
+        trained = self._trained_per_sequence(rollout)
+        metrics = {
+            **reward_metrics,
+            **self._divergence_metrics(rollout),
+            **batch.metrics,
+            **update_metrics,
+            f"train/{self.regulariser.metric_name}": trained,
+            "train/coef": self.coef.value,
+        }
+        if not update_metrics.get("train/skipped", 0.0):
+            self.coef.update(trained, n_steps=self._global_count(rollout.num_sequences))
+        self._check_divergence_limit(step, trained)
+        self.state.step = step
+        metrics["time/step_seconds"] = time.perf_counter() - started
+        return StepResult(step, metrics, rollout, rewards)
+
+    # ------------------------------------------------------------------------------------------
+    def make_rollout(self) -> Rollout:
+        cfg, acc = self.cfg, self.accelerator
+        k = cfg.algorithm.num_generations
+        global_indices = self.sampler.next_batch(cfg.trainer.prompts_per_step)
+        prompts_per_process(cfg, acc.num_processes)  # validates the even split
+        indices = process_share(global_indices, acc.process_index, acc.num_processes)
+        seq_indices = [i for i in indices for _ in range(k)]  # contiguous groups of k
+        prompts = [self.dataset[i]["prompt"] for i in seq_indices]
+        texts = [
+            render_prompt(self.models.tokenizer, p, cfg.data.chat_template, cfg.data.system_prompt)
+            for p in prompts
+        ]
+        gen = cfg.generation
+        input_ids, attention_mask, completion_mask, prompt_len = generate(
+            self.models,
+            texts,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            max_new_tokens=gen.max_new_tokens,
+            min_new_tokens=gen.min_new_tokens,
+            temperature=gen.temperature,
+            top_k=gen.top_k,
+            top_p=gen.top_p,
+            batch_size=cfg.trainer.generation_batch_size or len(texts),
+        )
+        completion_ids = input_ids[:, prompt_len:]
+        completions = self.models.tokenizer.batch_decode(
+            completion_ids.masked_fill(~completion_mask, self.models.tokenizer.pad_token_id),
+            skip_special_tokens=True,
+        )
+        rollout = Rollout(
+            prompt_indices=seq_indices,
+            group_ids=torch.arange(len(indices)).repeat_interleave(k),
+            prompts=prompts,
+            completions=completions,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            completion_mask=completion_mask,
+            prompt_length=prompt_len,
+        )
+        measure(
+            rollout,
+            self.models,
+            self.measured_divergences,
+            micro_batch_size=cfg.trainer.micro_batch_size,
+            chunk_size=cfg.kl.chunk_size,
+            keep_ref_hidden=self.regulariser.exact and self.regulariser.in_loss,
+        )
+        return rollout
+
+    def score(self, rollout: Rollout, step: int) -> tuple[Tensor, dict[str, float]]:
+        """Sequence rewards [B]. Invalid samples (``reward.on_invalid: skip``) are removed from
+        the loss (their completion mask is cleared) and take the mean valid reward so that they
+        do not move their group's baseline."""
+        columns = {
+            name: [self.dataset[i][name] for i in rollout.prompt_indices]
+            for name in self.dataset.column_names
+            if name != "prompt"
+        }
+        result = self.reward_fn(rollout.prompts, rollout.completions, step=step, columns=columns)
+        rewards = result.total.to(self.accelerator.device, torch.float32)
+        invalid = result.invalid.to(rewards.device)
+        if invalid.any():
+            valid_mean = rewards[~invalid].mean() if (~invalid).any() else rewards.new_zeros(())
+            rewards = torch.where(invalid, valid_mean, rewards)
+            rollout.completion_mask[invalid] = False
+        metrics = {
+            "reward/mean": self._mean(rewards),
+            "reward/std": self._std(rewards),
+            "reward/invalid": self._global_count(int(invalid.sum())),
+        }
+        for name, values in result.per_term.items():
+            metrics[f"reward/{name}"] = self._mean(values.to(rewards.device, torch.float32))
+        return rewards, metrics
+
+    # ------------------------------------------------------------------------------------------
+    def optimise(self, batch: TrainBatch, step: int) -> dict[str, float]:
+        """``algorithm.epochs`` passes over the batch; each pass is one optimiser step."""
+        sums: dict[str, float] = defaultdict(float)
+        skipped = 0
+        for _ in range(self.cfg.algorithm.epochs):
+            rows = torch.arange(batch.rollout.num_sequences)
+            ok = self._optimiser_step(batch, rows, sums, step)
+            skipped += 0 if ok else 1
+        passes = self.cfg.algorithm.epochs
+        out = {f"train/{k}": v / passes for k, v in sums.items()}
+        out["train/skipped"] = float(skipped)
+        out["train/lr"] = self.scheduler.get_last_lr()[0]
+        if skipped < passes:
+            self.scheduler.step()
+        return out
+
+    def _optimiser_step(self, batch: TrainBatch, rows: Tensor, sums: dict, step: int) -> bool:
+        mask = batch.rollout.completion_mask[rows]
+        num_tokens = max(self._global_count(int(mask.sum())), 1)
+        loss_total = torch.zeros((), device=self.accelerator.device)
+        micro = self.cfg.trainer.micro_batch_size
+        for start in range(0, len(rows), micro):
+            loss = self._micro_batch_loss(batch, rows[start : start + micro], num_tokens, sums)
+            loss.backward()
+            loss_total += loss.detach()
+        self._all_reduce_gradients()
+        grad_norm = self._clip_gradients()
+        loss_value = self._sum_across(loss_total)
+        sums["loss"] += loss_value
+        sums["grad_norm"] += grad_norm
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.state.consecutive_skips = 0
+        else:
+            self._record_skip(step, "loss" if not math.isfinite(loss_value) else "gradient norm")
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    def _micro_batch_loss(self, batch: TrainBatch, rows: Tensor, num_tokens: int, sums) -> Tensor:
+        """Σ over this micro-batch's valid tokens of the per-token loss, divided by the step's
+        global token count: micro-batching, accumulation and world size leave the sum unchanged."""
+        r, reg = batch.rollout, self.regulariser
+        policy = self.models.policy
+        mask = r.completion_mask[rows]
+        if not mask.any():
+            return torch.zeros((), device=self.accelerator.device)
+        hidden = completion_hidden(
+            policy, r.input_ids[rows], r.attention_mask[rows], r.prompt_length
+        )
+        old = r.stats["logprobs"][rows][mask]
+        ref_lp = r.stats["ref_logprobs"][rows][mask]
+        adv = batch.advantages[rows][mask]
+        beta = self.coef.value
+        exact_in_loss = reg.exact and reg.in_loss and beta > 0
+
+        def loss_fn(chunk: TokenChunk) -> Tensor:
+            sl = chunk.index
+            per_token, stats = self.algorithm.token_loss(chunk.logprobs, old[sl], adv[sl])
+            if reg.in_loss and beta > 0:
+                d = reg.loss_term(chunk.logprobs, ref_lp[sl], chunk.divergence)
+                per_token = per_token + beta * d
+            sums["clip_fraction"] += float(stats["clipped"].sum()) / num_tokens
+            sums["approx_kl_old"] += float(stats["approx_kl"].sum()) / num_tokens
+            return per_token.sum() / num_tokens
+
+        weight, bias = lm_head_params(policy)
+        ref_hidden = ref_weight = ref_bias = None
+        if exact_in_loss:
+            ref_hidden = r.ref_hidden[rows][mask]
+            with self.models.reference_context():
+                ref_weight, ref_bias = lm_head_params(self.models.reference_model)
+        loss = fused_token_loss(
+            hidden[mask],
+            weight,
+            r.completion_ids[rows][mask],
+            loss_fn,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            divergence=reg.divergence if exact_in_loss else None,
+            chunk_size=self.cfg.kl.chunk_size,
+            policy_bias=bias,
+            ref_bias=ref_bias,
+        )
+        extra = self.algorithm.hidden_loss(hidden, batch, rows, num_tokens)
+        return loss if extra is None else loss + extra
+
+    # ------------------------------------------------------------------------------------------
+    # Distributed helpers: the only process-aware code.
+    def _all_reduce_gradients(self) -> None:
+        if self.accelerator.num_processes == 1:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+    def _clip_gradients(self) -> float:
+        max_norm = self.cfg.trainer.max_grad_norm
+        grads = [p for p in self.params if p.grad is not None]
+        if not grads:
+            return 0.0
+        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm else float("inf"))
+        return float(norm)
+
+    def _sum_across(self, value: Tensor | float) -> float:
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(t, reduction="sum"))
+
+    def _global_count(self, n: int) -> int:
+        return int(self._sum_across(float(n)))
+
+    def _mean(self, values: Tensor) -> float:
+        total = self._sum_across(values.double().sum())
+        return total / max(self._global_count(values.numel()), 1)
+
+    def _std(self, values: Tensor) -> float:
+        mean = self._mean(values)
+        return math.sqrt(max(self._mean((values.double() - mean) ** 2), 0.0))
+
+    # ------------------------------------------------------------------------------------------
+    def _trained_per_sequence(self, rollout: Rollout) -> float:
+        """Mean over sequences of Σ_t d_t for the trained quantity (what β is adapted toward)."""
+        d = self.regulariser.reward_penalty(rollout.stats) * rollout.completion_mask
+        return self._mean(d.sum(dim=1))
+
+    def _divergence_metrics(self, rollout: Rollout) -> dict[str, float]:
+        mask = rollout.completion_mask
+        tokens = max(self._global_count(int(mask.sum())), 1)
+        out = {"completion/length": self._mean(rollout.completion_lengths().double())}
+        for div in self.measured_divergences:
+            d = rollout.stats[div.name] * mask
+            out[f"divergence/{div.name}"] = self._mean(d.sum(dim=1))
+            out[f"divergence/{div.name}_per_token"] = self._sum_across(d.sum()) / tokens
+        entropy = rollout.stats["entropy"] * mask
+        out["completion/entropy_per_token"] = self._sum_across(entropy.sum()) / tokens
+        return out
+
+    def _record_skip(self, step: int, quantity: str) -> None:
+        self.state.consecutive_skips += 1
+        self.state.skipped_steps += 1
+        limit = 3
+        if self.state.consecutive_skips >= limit:
+            raise TrainingStopped(
+                f"step {step}: non-finite {quantity} in {limit} consecutive optimiser steps; "
+                f"stopping (the last checkpoint in {self.output_dir / 'checkpoints'} is intact)"
+            )
+
+    def _check_divergence_limit(self, step: int, value: float) -> None:
+        limit = self.cfg.kl.max
+        if limit is not None and value > limit:
+            raise TrainingStopped(
+                f"step {step}: {self.regulariser.metric_name} per sequence is {value:.4g}, above "
+                f"kl.max={limit}; stopping"
+            )
+
+    # ------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        return checkpoint.save(
+            self.output_dir / "checkpoints",
+            step=self.state.step,
+            model=self.models.policy,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            states={
+                "sampler": self.sampler.state_dict(),
+                "coef": self.coef.state_dict(),
+                "algorithm": self.algorithm.state_dict(),
+                "reward": self.reward_fn.state_dict(),
+            },
+            keep_last=self.cfg.trainer.keep_last,
+        )
+
+    def save_final(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            final = self.output_dir / "final"
+            self.models.policy.save_pretrained(final, safe_serialization=True)
+            self.models.tokenizer.save_pretrained(final)
+
+
+def _due(every: int, step: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def _make_accelerator(cfg: RunConfig) -> Accelerator:
+    log_with = "wandb" if cfg.tracking.wandb.mode != "disabled" else None
+    return Accelerator(cpu=cfg.trainer.device == "cpu", log_with=log_with)
+
+
+def _shared_output_dir(cfg: RunConfig, acc: Accelerator) -> Path:
+    """Resolve the run folder once, on the main process, so every process agrees on it."""
+    holder = [str(cfg.resolved_output_dir()) if acc.is_main_process else None]
+    if acc.num_processes > 1:
+        broadcast_object_list(holder)
+    path = Path(holder[0])
+    if acc.is_main_process:
+        path.mkdir(parents=True, exist_ok=True)
+    return path

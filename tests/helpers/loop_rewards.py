@@ -1,0 +1,18 @@
+"""Reward callables (TRL signature) used by the loop tests, importable by path."""
+
+from __future__ import annotations
+
+_calls = {"n": 0}
+
+
+def fail_after_first_call(prompts, completions, **kwargs):
+    """Scores the first batch, then raises: the run must stop at step 2 and keep step 1."""
+    _calls["n"] += 1
+    if _calls["n"] > 1:
+        raise RuntimeError("reward service went away")
+    return [float(len(c)) for c in completions]
+
+
+def letter_e_count(prompts, completions, **kwargs):
+    """A reward tiny random models can move: how many 'e's the completion has."""
+    return [float(c.count("e")) for c in completions]
