@@ -181,7 +181,7 @@ def sentiment_reward(
     prompts: list,
     completions: list,
     *,
-    scale: float = 2.0,
+    scale: float = 3.0,
     min_words: int = 10,
     negation_window: int = 3,
     negated_weight: float = 0.5,
@@ -195,8 +195,10 @@ def sentiment_reward(
     at most ``max_repeats`` counts per distinct word) and ``σ`` the logistic function.
     Dividing by √(words) rewards a higher *density* of positive words at sub-linear growth
     with length, and the ``min_words`` floor keeps a one-word "Great." from scoring like a
-    whole glowing review. E.g. a 30-word review with net +2 scores σ(0.73) ≈ 0.67, net +4
-    ≈ 0.81, net −2 ≈ 0.33. Only the completion is scored, not the prompt.
+    whole glowing review. E.g. a 30-word review with net +2 scores σ(1.10) ≈ 0.75, net +4
+    ≈ 0.90, net −2 ≈ 0.25, one positive word ≈ 0.63; neutral text (no lexicon word, which is
+    most of what a small base model writes before training) is exactly 0.5. Only the
+    completion is scored, not the prompt.
     """
     _check(scale > 0, "sentiment: scale must be > 0", scale)
     _check(isinstance(min_words, int) and min_words >= 1, "sentiment: min_words ≥ 1", min_words)

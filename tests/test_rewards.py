@@ -76,13 +76,13 @@ def test_sentiment_orders_hand_written_sentences():
 
 
 def test_sentiment_formula_by_hand():
-    # 3 words < min_words=10: net 1 → σ(2·1/√10)
-    assert sentiment_reward([""], ["A great film."]) == [pytest.approx(sig(2 / math.sqrt(10)))]
+    # 3 words < min_words=10: net 1 → σ(3·1/√10) with the default scale 3
+    assert sentiment_reward([""], ["A great film."]) == [pytest.approx(sig(3 / math.sqrt(10)))]
     # 16 words, net +2 (great, fun) − 0.5 (not boring) + ... : count by hand
     text = "It was great fun and not boring at all, though the ending was weak and slow."
     net, n = sentiment_net(text)
     assert (net, n) == (1 + 1 + 0.5 - 1 - 1, 16)
-    assert sentiment_reward([""], [text], scale=3.0) == [pytest.approx(sig(3 * 0.5 / 4))]
+    assert sentiment_reward([""], [text], scale=2.0) == [pytest.approx(sig(2 * 0.5 / 4))]
 
 
 def test_sentiment_negation_scope_and_repeats():
