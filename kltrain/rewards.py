@@ -824,18 +824,28 @@ def _as_score(value: Any) -> tuple[float | None, str | None]:
         return None, "returned None"
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, str) or not hasattr(value, "__float__"):
-        return None, f"returned {value!r} ({type(value).__name__}), not a number"
-    v = float(value)
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        v = float(value)
+    except (TypeError, ValueError):
+        return None, f"returned {_short(value)} ({type(value).__name__}), not a number"
     if not math.isfinite(v):
         return None, f"returned {v}"
     return v, None
 
 
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _scores_of(out: Any, n: int) -> tuple[list[float | None], list[str | None]] | str:
     """Per-sample (score, why) from a scorer's output, or a batch-level reason string."""
     if isinstance(out, torch.Tensor):
-        out = out.reshape(-1).tolist() if out.dim() <= 1 else out
+        if out.dim() == 0 or out.reshape(out.shape[0], -1).shape[1] != 1:
+            return f"returned a tensor of shape {tuple(out.shape)}, not [{n}]"
+        out = out.reshape(-1).tolist()
     if out is None or isinstance(out, (str, bytes)) or not hasattr(out, "__len__"):
         return f"returned {type(out).__name__}, not a list of {n} scores"
     if len(out) != n:

@@ -214,6 +214,7 @@ COMPLETIONS = ["fine", "ok", "bad"]
         ("nan_on_bad", "returned nan"),
         ("inf_on_bad", "returned inf"),
         ("text_on_bad", "returned 'high' (str), not a number"),
+        ("list_on_bad", "returned [1.0, 2.0] (list), not a number"),
     ],
 )
 def test_invalid_sample_error_names_term_step_sample_and_prompt(fn, why):
@@ -231,15 +232,23 @@ def test_invalid_sample_error_names_term_step_sample_and_prompt(fn, why):
     [
         ("wrong_length", "returned 2 scores for 3 samples"),
         ("not_a_list", "returned float, not a list of 3 scores"),
+        ("tensor_scores", "returned a tensor of shape (3, 2), not [3]"),
         ("raises_on_batches", "raised RuntimeError: batch too large (on the batch;"),
     ],
 )
 def test_batch_level_failure_names_term_and_step(fn, why):
-    rf = reward({"name": H + fn})
+    kwargs = {"shape": "wide"} if fn == "tensor_scores" else {}
+    rf = reward({"name": H + fn, "kwargs": kwargs})
     with pytest.raises(InvalidRewardError) as err:
         rf(PROMPTS, COMPLETIONS, step=4)
     msg = str(err.value)
     assert f"reward term '{H}{fn}' at step 4 (whole batch of 3)" in msg and why in msg
+
+
+@pytest.mark.parametrize("shape", ["flat", "column"])
+def test_tensor_outputs_are_accepted(shape):
+    rf = reward({"name": H + "tensor_scores", "kwargs": {"shape": shape}})
+    assert rf(PROMPTS, COMPLETIONS, step=0).total.tolist() == [0.0, 1.0, 2.0]
 
 
 @pytest.mark.parametrize("fn", ["raises_on_bad", "none_on_bad", "nan_on_bad", "inf_on_bad"])

@@ -61,6 +61,18 @@ def text_on_bad(prompts, completions, **kwargs):
     return _marked(completions, "high")
 
 
+def tensor_scores(prompts, completions, *, shape="flat", **kwargs):
+    """Scores as a tensor: [n] ("flat"), [n, 1] ("column") or [n, 2] ("wide", invalid)."""
+    import torch
+
+    x = torch.arange(len(completions), dtype=torch.float32)
+    return {"flat": x, "column": x[:, None], "wide": torch.stack([x, x], 1)}[shape]
+
+
+def list_on_bad(prompts, completions, **kwargs):
+    return _marked(completions, [1.0, 2.0])
+
+
 def no_kwargs(prompts, completions):
     return [0.0] * len(completions)
 
