@@ -207,23 +207,34 @@ def ensure_embedded(name: str, build: Builder | None = None, root: Path | None =
     entry = models_dir / name
     if entry_problem(entry) is None:
         return entry
-    models_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(models_dir / f".{name}.lock") as exclusive:
-        problem = entry_problem(entry)
-        if problem is None:  # another process built it while we waited
-            return entry
-        if exclusive:  # no other builder of this name is running: leftovers of killed ones
-            for stale in models_dir.glob(f".{name}.build-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-        logger.info("building cache entry %s (%s); later uses load it directly", entry, problem)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=models_dir))
-        try:
-            build(tmp)
-            _write_marker(tmp)
-            _install(tmp, entry)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        with _file_lock(models_dir / f".{name}.lock") as exclusive:
+            problem = entry_problem(entry)
+            if problem is not None:  # else another process built it while we waited
+                _build_entry(entry, build, problem, exclusive)
+    except OSError as err:
+        raise ModelError(
+            f"could not build {name!r} in the cache {models_dir}: {err}. Make it writable with "
+            "enough free space (~700 MB), or point KLTRAIN_CACHE at another folder."
+        ) from err
     return entry
+
+
+def _build_entry(entry: Path, build: Builder, problem: str, exclusive: bool) -> None:
+    """Build into a temporary sibling, mark it complete, rename it into place (under the lock)."""
+    if exclusive:  # no other builder of this name is running: remove leftovers of killed ones
+        for stale in entry.parent.glob(f".{entry.name}.build-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    logger.info("building cache entry %s (%s); later uses load it directly", entry, problem)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.build-", dir=entry.parent))
+    try:
+        build(tmp)
+        tmp.chmod(0o755)  # mkdtemp made it private; the entry is as readable as the cache
+        _write_marker(tmp)
+        _install(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_marker(folder: Path) -> None:

