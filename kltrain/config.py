@@ -127,6 +127,8 @@ class AlgorithmConfig(Section):
     """Samples per prompt (k). RLOO and GRPO need k ≥ 2."""
     epochs: int = Field(1, ge=1)
     """Optimisation passes over each rollout batch."""
+    num_minibatches: int = Field(1, ge=1)
+    """Each pass is split into this many shuffled minibatches, one optimiser step each."""
     clip_range: float = Field(0.2, gt=0.0)
     scale_rewards: bool = True
     """GRPO: divide by the group's reward std (Dr. GRPO sets this off)."""

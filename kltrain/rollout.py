@@ -40,6 +40,7 @@ class Rollout:
     """[B, T] per-token tensors, zero on padding: "logprobs" (policy at sampling time),
     "ref_logprobs", "entropy", and one exact divergence per name (e.g. "reverse_kl")."""
     ref_hidden: Tensor | None = None  # [B, T, H] reference final hidden states, when kept
+    policy_hidden: Tensor | None = None  # [B, T, H] policy final hidden states, when kept
 
     @property
     def completion_ids(self) -> Tensor:  # [B, T]
@@ -141,7 +142,9 @@ def completion_hidden(
 ) -> Tensor:
     """[B, P+T] → [B, T, H]: the final hidden state at each position that predicts a completion
     token (position ``P - 1 + t`` predicts token ``t``)."""
-    hidden = final_hidden_states(model, input_ids, attention_mask)
+    # positions counted from the first real token, as generate() numbers them under left padding
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids=position_ids)
     return hidden[:, prompt_length - 1 : -1]
 
 
@@ -154,13 +157,15 @@ def measure(
     micro_batch_size: int,
     chunk_size: int,
     keep_ref_hidden: bool,
+    keep_policy_hidden: bool = False,
 ) -> None:
-    """Fill ``rollout.stats`` (and ``ref_hidden`` if asked) in micro-batches of sequences."""
+    """Fill ``rollout.stats`` (and ``ref_hidden`` / ``policy_hidden`` if asked, zero on
+    padding) in micro-batches of sequences."""
     policy_w, policy_b = lm_head_params(models.policy)
     with models.reference_context():
         ref_w, ref_b = lm_head_params(models.reference_model)
     parts: list[dict[str, Tensor]] = []
-    ref_hiddens = []
+    ref_hiddens, policy_hiddens = [], []
     for start in range(0, rollout.num_sequences, micro_batch_size):
         sl = slice(start, start + micro_batch_size)
         ids, att = rollout.input_ids[sl], rollout.attention_mask[sl]
@@ -182,8 +187,11 @@ def measure(
         parts.append({k: scatter_tokens(v, mask) for k, v in flat.items()})
         if keep_ref_hidden:
             ref_hiddens.append(h_ref * mask.unsqueeze(-1))
+        if keep_policy_hidden:
+            policy_hiddens.append(h * mask.unsqueeze(-1))
     rollout.stats = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     rollout.ref_hidden = torch.cat(ref_hiddens) if keep_ref_hidden else None
+    rollout.policy_hidden = torch.cat(policy_hiddens) if keep_policy_hidden else None
 
 
 def scatter_tokens(values: Tensor, mask: Tensor) -> Tensor:

@@ -25,7 +25,12 @@ if TYPE_CHECKING:
 
 LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "trl", "peft", "wandb")
 #: Shown on the progress bar, in this order, when present.
-PROGRESS_KEYS = ("reward/mean", "divergence/reverse_kl", "train/coef", "time/step_seconds")
+PROGRESS_KEYS = {
+    "reward/mean": "reward",
+    "divergence/reverse_kl": "reverse_kl",
+    "train/coef": "β",
+    "time/step_seconds": "s/step",
+}
 
 
 def library_versions() -> dict[str, str]:

@@ -20,13 +20,14 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
+from safetensors.torch import save_file
 from torch import Tensor
 from transformers import get_scheduler
 
 from kltrain import checkpoint
 from kltrain.algorithms import TrainBatch, make_algorithm
 from kltrain.chunked import TokenChunk, fused_token_loss
-from kltrain.config import RunConfig, prompts_per_process
+from kltrain.config import ConfigError, RunConfig, prompts_per_process
 from kltrain.control import make_coef
 from kltrain.data import PromptSampler, load_prompts, process_share, render_prompt
 from kltrain.divergences import get_divergence
@@ -83,7 +84,12 @@ class Trainer:
             adaptive.horizon if adaptive else None,
         )
         self.algorithm = make_algorithm(cfg)
+        for module in self.algorithm.modules().values():
+            module.to(acc.device)
         self.params = [p for p in self.models.policy.parameters() if p.requires_grad]
+        for module in self.algorithm.modules().values():
+            self.params += [p for p in module.parameters() if p.requires_grad]
+        self.minibatch_generator = torch.Generator().manual_seed(cfg.seed)
         self.optimizer = torch.optim.AdamW(
             self.params,
             lr=cfg.trainer.learning_rate,
@@ -119,15 +125,17 @@ class Trainer:
         return summary
 
     def train_step(self) -> StepResult:
-        started = time.perf_counter()
+        clock = _Clock()
         step = self.state.step + 1
-        rollout = self.make_rollout()
+        rollout = self.make_rollout(clock)
         rewards, reward_metrics = self.score(rollout, step)
+        clock.lap("time/score_seconds")
         penalty = None
-        if self.regulariser.in_reward and self.coef.value > 0:
+        if self.algorithm.uses_regulariser and self.regulariser.in_reward and self.coef.value > 0:
             penalty = self.coef.value * self.regulariser.reward_penalty(rollout.stats)
         batch = self.algorithm.prepare(rollout, rewards, penalty)
         update_metrics = self.optimise(batch, step)
+        clock.lap("time/optimise_seconds")
         trained = self._trained_per_sequence(rollout)
         metrics = {
             **reward_metrics,
@@ -141,11 +149,12 @@ class Trainer:
             self.coef.update(trained, n_steps=self._global_count(rollout.num_sequences))
         self._check_divergence_limit(step, trained)
         self.state.step = step
-        metrics["time/step_seconds"] = time.perf_counter() - started
+        metrics.update(clock.laps)
+        metrics["time/step_seconds"] = clock.total()
         return StepResult(step, metrics, rollout, rewards)
 
     # ------------------------------------------------------------------------------------------
-    def make_rollout(self) -> Rollout:
+    def make_rollout(self, clock: _Clock | None = None) -> Rollout:
         cfg, acc = self.cfg, self.accelerator
         k = cfg.algorithm.num_generations
         global_indices = self.sampler.next_batch(cfg.trainer.prompts_per_step)
@@ -169,6 +178,8 @@ class Trainer:
             top_p=gen.top_p,
             batch_size=cfg.trainer.generation_batch_size or len(texts),
         )
+        if clock:
+            clock.lap("time/generate_seconds")
         completion_ids = input_ids[:, prompt_len:]
         completions = self.models.tokenizer.batch_decode(
             completion_ids.masked_fill(~completion_mask, self.models.tokenizer.pad_token_id),
@@ -190,8 +201,11 @@ class Trainer:
             self.measured_divergences,
             micro_batch_size=cfg.trainer.micro_batch_size,
             chunk_size=cfg.kl.chunk_size,
-            keep_ref_hidden=self.regulariser.exact and self.regulariser.in_loss,
+            keep_ref_hidden=self._regularised_in_loss() and self.regulariser.exact,
+            keep_policy_hidden=self.algorithm.needs_policy_hidden,
         )
+        if clock:
+            clock.lap("time/measure_seconds")
         return rollout
 
     def score(self, rollout: Rollout, step: int) -> tuple[Tensor, dict[str, float]]:
@@ -221,19 +235,36 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def optimise(self, batch: TrainBatch, step: int) -> dict[str, float]:
-        """``algorithm.epochs`` passes over the batch; each pass is one optimiser step."""
+        """``algorithm.epochs`` passes over the batch, each split into ``num_minibatches``
+        shuffled minibatches; each minibatch is one optimiser step."""
+        algo = self.cfg.algorithm
         sums: dict[str, float] = defaultdict(float)
         skipped = 0
-        for _ in range(self.cfg.algorithm.epochs):
-            rows = torch.arange(batch.rollout.num_sequences)
+        for rows in self._minibatches(batch.rollout.num_sequences):
             ok = self._optimiser_step(batch, rows, sums, step)
             skipped += 0 if ok else 1
-        passes = self.cfg.algorithm.epochs
+        passes = algo.epochs * algo.num_minibatches
         out = {f"train/{k}": v / passes for k, v in sums.items()}
         out["train/skipped"] = float(skipped)
         out["train/lr"] = self.scheduler.get_last_lr()[0]
         if skipped < passes:
             self.scheduler.step()
+        return out
+
+    def _minibatches(self, num_sequences: int) -> list[Tensor]:
+        algo = self.cfg.algorithm
+        if num_sequences % algo.num_minibatches:
+            raise ConfigError(
+                f"algorithm.num_minibatches={algo.num_minibatches} does not divide this "
+                f"process's {num_sequences} sequences per step"
+            )
+        size = num_sequences // algo.num_minibatches
+        out = []
+        for _ in range(algo.epochs):
+            order = torch.arange(num_sequences)
+            if algo.num_minibatches > 1:
+                order = torch.randperm(num_sequences, generator=self.minibatch_generator)
+            out += list(order.split(size))
         return out
 
     def _optimiser_step(self, batch: TrainBatch, rows: Tensor, sums: dict, step: int) -> bool:
@@ -274,12 +305,13 @@ class Trainer:
         ref_lp = r.stats["ref_logprobs"][rows][mask]
         adv = batch.advantages[rows][mask]
         beta = self.coef.value
-        exact_in_loss = reg.exact and reg.in_loss and beta > 0
+        in_loss = self._regularised_in_loss()
+        exact_in_loss = reg.exact and in_loss
 
         def loss_fn(chunk: TokenChunk) -> Tensor:
             sl = chunk.index
             per_token, stats = self.algorithm.token_loss(chunk.logprobs, old[sl], adv[sl])
-            if reg.in_loss and beta > 0:
+            if in_loss:
                 d = reg.loss_term(chunk.logprobs, ref_lp[sl], chunk.divergence)
                 per_token = per_token + beta * d
             sums["clip_fraction"] += float(stats["clipped"].sum()) / num_tokens
@@ -306,6 +338,10 @@ class Trainer:
         )
         extra = self.algorithm.hidden_loss(hidden, batch, rows, num_tokens)
         return loss if extra is None else loss + extra
+
+    def _regularised_in_loss(self) -> bool:
+        reg = self.regulariser
+        return self.algorithm.uses_regulariser and reg.in_loss and self.coef.value > 0
 
     # ------------------------------------------------------------------------------------------
     # Distributed helpers: the only process-aware code.
@@ -402,6 +438,24 @@ class Trainer:
             final = self.output_dir / "final"
             self.models.policy.save_pretrained(final, safe_serialization=True)
             self.models.tokenizer.save_pretrained(final)
+            for name, module in self.algorithm.modules().items():
+                save_file(module.state_dict(), str(final / f"{name}.safetensors"))
+
+
+class _Clock:
+    """Wall-clock laps of one step, for the time/* metrics."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
 
 
 def _due(every: int, step: int, last: int) -> bool:

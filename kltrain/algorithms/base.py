@@ -33,6 +33,10 @@ class Algorithm(ABC):
     """An RL algorithm is (advantages, per-token policy loss); the loop does everything else."""
 
     name: ClassVar[str]
+    #: Whether ``β·D(π‖π_ref)`` from ``kl.*`` is added by the loop (f-DPG makes D the objective).
+    uses_regulariser: ClassVar[bool] = True
+    #: Whether the rollout keeps the policy's completion hidden states (``rollout.policy_hidden``).
+    needs_policy_hidden: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -57,6 +61,11 @@ class Algorithm(ABC):
         normalised by the global token count; None when the algorithm has none."""
         del hidden, batch, rows, num_tokens
         return None
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Trainable modules the algorithm owns (e.g. a value head), by name: the loop moves
+        them to the device, optimises them with the policy and saves them as safetensors."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
