@@ -77,19 +77,34 @@ class _Head:
     def _acc(self) -> torch.dtype:
         return torch.float64 if self.w.dtype == torch.float64 else torch.float32
 
-    def mm(self, a: Tensor, b: Tensor) -> Tensor:
+    def mm(self, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+        """a @ b in fp32; into ``out`` when given (ignored on the native half path, where CUDA's
+        caching allocator makes a fresh result cheap)."""
         if self.native:
             return torch.mm(a.to(self.w.dtype), b.to(self.w.dtype), out_dtype=torch.float32)
-        return torch.mm(a, b)
+        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
 
-    def logits(self, rows: slice) -> Tensor:
-        z = self.mm(self.h[rows], self.w.t())
+    def logits(self, rows: slice, out: Tensor | None = None) -> Tensor:
+        z = self.mm(self.h[rows], self.w.t(), out)
         return z if self.b is None else z.add_(self.b)
 
+    def add_weight_grad(self, grad_w: Tensor, g: Tensor, rows: slice) -> None:
+        """grad_w += gᵀ h[rows] (fp32 accumulator, in place where possible)."""
+        if self.native:
+            grad_w.add_(self.mm(g.t(), self.h[rows]))
+        else:
+            grad_w.addmm_(g.t(), self.h[rows])
 
-def _log_softmax_(z: Tensor) -> Tensor:
-    """In-place log_softmax over the last axis (saves a [c, V] buffer per chunk)."""
-    return z.sub_(torch.logsumexp(z, -1, keepdim=True))
+
+def _log_softmax_(z: Tensor, scratch: Tensor) -> Tensor:
+    """log_softmax over the last axis, in place in ``z``, using ``scratch`` (same shape) for exp.
+
+    Reusing buffers matters on CPU: a fresh [c, V] allocation is mmapped and page-faulted, which
+    costs about as much as the arithmetic on it.
+    """
+    z.sub_(z.amax(-1, keepdim=True))
+    lse = torch.exp(z, out=scratch).sum(-1, keepdim=True).log_()
+    return z.sub_(lse)
 
 
 def _check_inputs(hidden: Tensor, weight: Tensor, tokens: Tensor | None, what: str) -> None:
@@ -141,32 +156,44 @@ class _FusedTokenLoss(torch.autograd.Function):
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        # Three [chunk, V] buffers reused by every chunk: policy log-probs, reference log-probs,
+        # scratch; the divergence's in-place update turns them into π and ∂D/∂z.
+        bufs = torch.empty(
+            (3, min(chunk_size, n), weight.shape[0]), dtype=acc, device=hidden.device
+        )
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
+            c = rows.stop - rows.start
+            buf_p, buf_q, scratch = bufs[0, :c], bufs[1, :c], bufs[2, :c]
             tok = tokens[rows].unsqueeze(1)
-            logp = _log_softmax_(head.logits(rows))
-            logq = None if div is None else _log_softmax_(ref.logits(rows))
-            p = logp.exp() if (need_h or need_w or need_b or div is not None) else None
-            d = dgrad = None
+            logp = _log_softmax_(head.logits(rows, buf_p), scratch)
+            lp_tok = logp.gather(1, tok).squeeze(1)
+            d = dgrad = p = None
             if div is not None:
-                d, dgrad = div.value_and_logit_grad(logp, logq, p)
-            del logq
-            loss, a, b = _row_grads(loss_fn, rows, logp.gather(1, tok).squeeze(1), d)
+                logq = _log_softmax_(ref.logits(rows, buf_q), scratch)
+                d, dgrad, p = div.value_and_logit_grad_(logp, logq, scratch)
+                del logq
+            elif need_h or need_w or need_b:
+                p = logp.exp_()
+            del logp
+            loss, a, b = _row_grads(loss_fn, rows, lp_tok, d)
             total += loss
             if not (need_h or need_w or need_b):
                 continue
-            # G = b·∂D/∂z − a·π + a·onehot(y), built in place in dgrad (or p when no D).
-            g = p.mul_(-a.unsqueeze(1)) if dgrad is None else dgrad.mul_(b.unsqueeze(1))
-            if dgrad is not None:
-                g.addcmul_(p, a.unsqueeze(1), value=-1.0)
-            g.scatter_add_(1, tok, a.unsqueeze(1).to(g.dtype))
-            del logp, p, dgrad
+            # G = b·∂D/∂z − a·π + a·onehot(y), built in place in dgrad (or in π when no D).
+            a = a.unsqueeze(1).to(acc)
+            if dgrad is None:
+                g = p.mul_(-a)
+            else:
+                g = dgrad.mul_(b.unsqueeze(1).to(acc)).addcmul_(p, a, value=-1.0)
+            g.scatter_add_(1, tok, a)
             if need_h:
-                grad_h[rows] = head.mm(g, head.w)
+                grad_h[rows] = head.mm(g, head.w, out=grad_h[rows])
             if need_w:
-                grad_w.add_(head.mm(g.t(), head.h[rows]))
+                head.add_weight_grad(grad_w, g, rows)
             if need_b:
                 grad_b.add_(g.sum(0))
+            del g, p, dgrad
         ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
         ctx.grad_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.present = (grad_h is not None, grad_w is not None, grad_b is not None)
@@ -244,7 +271,7 @@ def token_stats(
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
         tok = tokens[rows].unsqueeze(1)
-        logp = _log_softmax_(head.logits(rows))
+        logp = F.log_softmax(head.logits(rows), -1)
         out["logprobs"][rows] = logp.gather(1, tok).squeeze(1)
         out["entropy"][rows] = torch.special.entr(logp.exp()).sum(-1)
         if ref is not None:

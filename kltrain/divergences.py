@@ -144,6 +144,19 @@ class Divergence:
         ps = self.weighted_score(logp, logq)
         return d, ps - p * ps.sum(-1, keepdim=True)
 
+    def value_and_logit_grad_(
+        self, logp: Tensor, logq: Tensor, scratch: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """In-place variant for the chunk loop: returns (D ``[...]``, ∂D/∂z, π), both ``[..., V]``.
+
+        May overwrite ``logp``, ``logq`` and ``scratch`` (same shape) and return views of them, so
+        the KLs need no fresh [c, V] allocation (on CPU each one costs page faults comparable to
+        the arithmetic). The generic version allocates.
+        """
+        p = logp.exp()
+        d, grad = self.value_and_logit_grad(logp, logq, p)
+        return d, grad, p
+
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.params.items())
         return f"get_divergence({self.name!r}{extra})"
@@ -177,8 +190,14 @@ class ReverseKL(Divergence):
     def value_and_logit_grad(self, logp, logq, p):
         # Σ π(ρ+1) = D + 1, so ∂D/∂z = π(ρ + 1 − D − 1) = π(ρ − D): one [.., V] temporary.
         rho = logp - logq
-        d = torch.linalg.vecdot(p, rho)
+        d = (p * rho).sum(-1)
         return d, rho.sub_(d.unsqueeze(-1)).mul_(p)
+
+    def value_and_logit_grad_(self, logp, logq, scratch):
+        rho = torch.sub(logp, logq, out=logq)
+        p = logp.exp_()
+        d = torch.mul(p, rho, out=scratch).sum(-1)
+        return d, rho.sub_(d.unsqueeze(-1)).mul_(p), p
 
 
 class ForwardKL(Divergence):
@@ -209,9 +228,16 @@ class ForwardKL(Divergence):
 
     def value_and_logit_grad(self, logp, logq, p):
         q = logq.exp()
-        d = torch.linalg.vecdot(q, logq - logp)
+        d = (q * (logq - logp)).sum(-1)
         # Σ_w π·s = −Σ π_ref = −1 exactly, so ∂D/∂z = −π_ref + π.
         return d, p - q
+
+    def value_and_logit_grad_(self, logp, logq, scratch):
+        diff = torch.sub(logq, logp, out=scratch)
+        q = logq.exp_()
+        d = diff.mul_(q).sum(-1)
+        p = logp.exp_()
+        return d, torch.sub(p, q, out=scratch), p
 
 
 class JensenShannon(Divergence):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kltrain.chunked import TokenChunk, fused_token_loss, token_stats
 from kltrain.divergences import get_divergence, token_divergence
@@ -175,19 +175,35 @@ def test_backward_scales_by_the_incoming_gradient():
         torch.testing.assert_close(-3 * a, b, **TOL)
 
 
+class MatmulFlops(TorchDispatchMode):
+    """Counts 2·m·k·n for every aten mm/addmm call, whatever the overload (out=, in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "addmm_"):
+            a, b = args[-2:] if name != "mm" else args[:2]
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        elif name in ("bmm", "matmul", "baddbmm", "mv", "dot", "linear"):
+            raise AssertionError(f"unexpected {name}")
+        return func(*args, **(kwargs or {}))
+
+
 def test_exactly_four_lm_head_matmuls():
     t = make(4)
     chunked, _ = pg_plus_kl(t)
-    with FlopCounterMode(display=False) as counter:
-        out = fused(t, "reverse_kl", chunked, 10)
-        out.backward()
-    assert counter.get_total_flops() == 4 * 2 * N * H * V
+    with MatmulFlops() as counter:
+        fused(t, "reverse_kl", chunked, 10).backward()
+    assert counter.flops == 4 * 2 * N * H * V
     # Without a reference: policy forward and its two backward products only.
     t = make(4)
     chunked, _ = logprobs_only(t)
-    with FlopCounterMode(display=False) as counter:
+    with MatmulFlops() as counter:
         fused(t, None, chunked, 10, ref=False).backward()
-    assert counter.get_total_flops() == 3 * 2 * N * H * V
+    assert counter.flops == 3 * 2 * N * H * V
 
 
 def test_no_grad_and_constant_inputs_compute_value_only():
