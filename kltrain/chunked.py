@@ -156,15 +156,19 @@ class _FusedTokenLoss(torch.autograd.Function):
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-        # Three [chunk, V] buffers reused by every chunk: policy log-probs, reference log-probs,
-        # scratch; the divergence's in-place update turns them into π and ∂D/∂z.
-        bufs = torch.empty(
-            (3, min(chunk_size, n), weight.shape[0]), dtype=acc, device=hidden.device
-        )
+        # [chunk, V] buffers reused by every chunk: scratch, and the policy's and reference's
+        # log-probs (which the divergence's in-place update turns into π and ∂D/∂z). A native
+        # half-precision head returns fresh logits instead (CUDA's caching allocator reuses them).
+        owners = [None] + [h for h in (head, ref) if h is not None and not h.native]
+        rows0 = min(chunk_size, n)
+        bufs = torch.empty((len(owners), rows0, weight.shape[0]), dtype=acc, device=hidden.device)
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
             c = rows.stop - rows.start
-            buf_p, buf_q, scratch = bufs[0, :c], bufs[1, :c], bufs[2, :c]
+            scratch = bufs[0, :c]
+            buf_p, buf_q = (
+                bufs[owners.index(h), :c] if h in owners[1:] else None for h in (head, ref)
+            )
             tok = tokens[rows].unsqueeze(1)
             logp = _log_softmax_(head.logits(rows, buf_p), scratch)
             lp_tok = logp.gather(1, tok).squeeze(1)

@@ -236,6 +236,31 @@ def test_half_inputs_use_fp32_logits(dtype):
         assert_close_scaled(a, b, rtol=2**-8 if dtype == torch.bfloat16 else 2**-11)
 
 
+def test_native_half_path_emulated(monkeypatch):
+    """The CUDA branch (torch.mm(..., out_dtype=fp32) on bf16 operands) emulated on CPU: bf16
+    operands, products exact in fp32, G rounded to bf16 for the two backward GEMMs."""
+    import kltrain.chunked as chunked_mod
+
+    def mm_out_dtype(self, a, b, out=None):
+        if not self.native:
+            return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+        return torch.mm(a.to(self.w.dtype).float(), b.to(self.w.dtype).float())
+
+    monkeypatch.setattr(chunked_mod, "_has_mm_out_dtype", lambda device: True)
+    monkeypatch.setattr(chunked_mod._Head, "mm", mm_out_dtype)
+    t = make(9, dtype=torch.bfloat16)
+    chunked, _ = pg_plus_kl(t)
+    got = fused(t, "forward_kl", chunked, 16)
+    g_got = torch.autograd.grad(got, params(t, False))
+    t64 = as64(t)
+    want = plain_path(t64, "forward_kl", pg_plus_kl(t64)[1])
+    g_want = torch.autograd.grad(want, params(t64, False))
+    assert_close_scaled(got, want)
+    for a, b in zip(g_got, g_want):
+        assert a.dtype == torch.bfloat16
+        assert_close_scaled(a, b, rtol=2**-7)  # G is rounded to bf16 once, then fp32 accumulate
+
+
 def test_loss_fn_must_return_a_scalar():
     t = make(7)
     with pytest.raises(ValueError, match="scalar"):
