@@ -26,13 +26,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit codes: 0 done, 2 bad input (config, data, model, reward), 3 the run stopped itself.
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as err:
-        print(f"kltrain: {err}", file=sys.stderr)
-        return 2
+    except _user_errors() as err:
+        print(f"kltrain: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors about the user's input: one clear message, no traceback."""
+    from kltrain.data import DataError
+    from kltrain.models import ModelError
+    from kltrain.rewards import RewardError
+
+    return (ConfigError, DataError, ModelError, RewardError)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -53,7 +67,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         Trainer(cfg).fit()
     except TrainingStopped as err:
         print(f"kltrain: stopped: {err}", file=sys.stderr)
-        return 3
+        return EXIT_STOPPED
     return 0
 
 

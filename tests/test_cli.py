@@ -1,0 +1,108 @@
+"""The command line: validate prints the resolved config without loading models; divergences
+lists every name; bad input exits 2 with one message naming the problem, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kltrain.cli import main
+from kltrain.divergences import DIVERGENCE_NAMES
+from kltrain.estimators import ESTIMATOR_NAMES
+from tests.helpers.tiny import make_tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_validate_prints_resolved_config_with_overrides(capsys):
+    code = main(["validate", str(ROOT / "configs/quickstart.yaml"), "kl.divergence=forward_kl"])
+    assert code == 0
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out)
+    assert resolved["kl"]["divergence"] == "forward_kl"
+    assert resolved["gradient_followed"] == "local forward_kl"
+    assert resolved["trainer"]["learning_rate"] > 0  # defaults are filled in
+
+
+def test_validate_does_not_load_models(capsys):
+    code = main(["validate", str(ROOT / "configs/quickstart.yaml"), "model.policy=/no/such/model"])
+    assert code == 0  # only `fit` touches the model
+
+
+def test_refused_pair_exits_2_with_explanation(capsys):
+    code = main(
+        ["validate", str(ROOT / "configs/quickstart.yaml"), "kl.estimator=k3", "kl.placement=loss"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "local forward_kl" in err and "kl.accept_gradient" in err
+    code = main(
+        [
+            "validate",
+            str(ROOT / "configs/quickstart.yaml"),
+            "kl.estimator=k3",
+            "kl.accept_gradient=local forward_kl",
+        ]
+    )
+    assert code == 0
+
+
+def test_misspelt_key_exits_2(capsys):
+    code = main(["validate", str(ROOT / "configs/quickstart.yaml"), "kl.coeff=0.1"])
+    assert code == 2
+    assert "did you mean `kl.coef`" in capsys.readouterr().err
+
+
+def test_divergences_lists_every_name(capsys):
+    assert main(["divergences"]) == 0
+    out = capsys.readouterr().out
+    for name in DIVERGENCE_NAMES + ESTIMATOR_NAMES:
+        assert f"  {name} " in out
+
+
+def test_unknown_model_name_is_one_clear_error(tmp_path, capsys):
+    code = main(
+        [
+            "fit",
+            str(ROOT / "configs/quickstart.yaml"),
+            f"model.policy={tmp_path / 'missing-model'}",
+            f"trainer.output_dir={tmp_path / 'run'}",
+            "tracking.wandb.mode=disabled",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "missing-model" in err
+    assert "Traceback" not in err
+
+
+def test_missing_prompt_column_is_one_clear_error(tmp_path, capsys):
+    model = make_tiny_model_dir(tmp_path / "model")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"text": "hello"}) + "\n")
+    code = main(
+        [
+            "fit",
+            str(ROOT / "configs/quickstart.yaml"),
+            f"model.policy={model}",
+            f"data.prompts={data}",
+            f"trainer.output_dir={tmp_path / 'run'}",
+            "tracking.wandb.mode=disabled",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "prompt" in err and "text" in err  # the missing column and the ones that exist
+
+
+@pytest.mark.parametrize("entry", [["-m", "kltrain"]])
+def test_module_entry_point(entry):
+    out = subprocess.run(
+        [sys.executable, *entry, "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("kltrain ")
