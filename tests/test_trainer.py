@@ -20,10 +20,10 @@ def tiny_model(tmp_path_factory):
     return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model"))
 
 
-def tiny_config(model: str, out, **sections):
+def tiny_config(model_path: str, out, **sections):
     raw = {
         "name": "tiny",
-        "model": {"policy": model},
+        "model": {"policy": model_path},
         "data": {
             "prompts": "builtin:movie_reviews",
             "chat_template": "off",
@@ -165,3 +165,46 @@ def test_failing_reward_keeps_what_was_written(tiny_model, tmp_path):
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1]
     assert (out / "config.yaml").is_file()
+
+
+def test_lora_run_saves_an_adapter_and_uses_the_base_as_reference(tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    cfg = tiny_config(
+        tiny_model,
+        out,
+        model={"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        trainer={"learning_rate": 1e-2},
+    )
+    trainer = Trainer(cfg)
+    assert trainer.models.reference is None  # no second copy
+    base_before = {
+        k: v.clone() for k, v in trainer.models.policy.named_parameters() if "lora_" not in k
+    }
+    trainer.fit()
+    # only adapter weights trained; the base (= the reference) is untouched
+    for k, v in trainer.models.policy.named_parameters():
+        if "lora_" not in k:
+            assert torch.equal(base_before[k], v), k
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["divergence/reverse_kl"] > 0  # the adapter moved the policy off the base
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert isinstance(PeftModel.from_pretrained(base, out / "final"), PeftModel)
+
+
+def test_bf16_policy_and_gradient_checkpointing_run(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(
+        tiny_model,
+        out,
+        model={"dtype": "bf16", "reference_dtype": "fp32", "gradient_checkpointing": True},
+    )
+    trainer = Trainer(cfg)
+    assert next(trainer.models.policy.parameters()).dtype == torch.bfloat16
+    assert next(trainer.models.reference.parameters()).dtype == torch.float32
+    trainer.fit()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows)

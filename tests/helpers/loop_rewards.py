@@ -14,5 +14,6 @@ def fail_after_first_call(prompts, completions, **kwargs):
 
 
 def letter_e_count(prompts, completions, **kwargs):
-    """A reward tiny random models can move: how many 'e's the completion has."""
-    return [float(c.count("e")) for c in completions]
+    """A reward tiny random models can move and that rarely ties within a group: the number of
+    'e's plus a tenth of the completion's length in characters."""
+    return [c.count("e") + 0.1 * len(c) for c in completions]
