@@ -109,7 +109,7 @@ def test_reference_weights_are_bit_identical_after_training(tiny_model, tmp_path
     assert not trainer.models.reference.training
     on_disk = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
     k = next(iter(on_disk))
-    assert torch.equal(on_disk[k], trainer.models.policy.state_dict()[k])
+    assert torch.equal(on_disk[k], trainer.models.policy.state_dict()[k].cpu())
 
 
 @pytest.mark.parametrize("placement", ["loss", "reward"])
