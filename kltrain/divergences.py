@@ -49,7 +49,8 @@ class Divergence:
     description: str = ""
 
     def f(self, u: Tensor) -> Tensor:
-        raise NotImplementedError
+        """f(u), elementwise; every divergence defines it."""
+        raise TypeError(f"{type(self).__name__} defines no f(u)")
 
     def f_prime(self, u: Tensor) -> Tensor:
         """f'(u) by autograd (used when a divergence gives no closed form)."""
