@@ -232,10 +232,11 @@ class RunConfig(Section):
 
 
 def _validate_ppo(cfg: RunConfig) -> None:
-    """PPO credits the divergence through the reward; ``algorithm.ppo`` only applies to PPO."""
+    """PPO credits the divergence through the reward; ``algorithm.ppo`` only applies to PPO
+    (its defaults are accepted anywhere, so a resolved config.yaml of any run loads back)."""
     algo = cfg.algorithm
     if algo.name != "ppo":
-        if "ppo" in algo.model_fields_set:
+        if algo.ppo != PPOConfig():
             raise ValueError(
                 f"algorithm.ppo is only read by algorithm.name=ppo, not {algo.name}; remove it"
             )

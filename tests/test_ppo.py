@@ -80,6 +80,8 @@ def test_ppo_refuses_the_divergence_in_the_loss_only():
 def test_ppo_keys_belong_to_ppo_and_are_range_checked():
     with pytest.raises(ConfigError, match=r"algorithm\.ppo is only read by algorithm\.name=ppo"):
         config_from_dict(ppo_raw(algorithm={"name": "rloo", "ppo": {"lam": 0.9}}))
+    resolved = config_from_dict(ppo_raw(algorithm={"name": "rloo"})).model_dump(mode="json")
+    assert config_from_dict(resolved).algorithm.name == "rloo"  # a dumped run config loads back
     with pytest.raises(ConfigError, match=r"algorithm\.ppo\.lam: .*less than or equal to 1"):
         config_from_dict(ppo_raw(algorithm={"ppo": {"lam": 1.5}}))
     with pytest.raises(ConfigError, match=r"algorithm\.ppo\.gama: unknown key.*`algorithm\.ppo"):
