@@ -121,6 +121,33 @@ class KLConfig(Section):
         return params
 
 
+class PPOConfig(Section):
+    """``algorithm.ppo``: read only when ``algorithm.name`` is ``ppo`` (README, "PPO")."""
+
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    """GAE discount γ. 1.0 as in InstructGPT / lm-human-preferences and TRL."""
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    """GAE λ. 0.95 as in InstructGPT / lm-human-preferences and TRL."""
+    value_coef: float = Field(0.1, gt=0.0)
+    """Weight of the value loss in the total loss. 0.1 as TRL's ``vf_coef``."""
+    value_clip_range: float | None = Field(0.2, gt=0.0)
+    """ε of the clipped value loss, in reward units (None: unclipped). 0.2 as TRL's
+    ``cliprange_value`` and lm-human-preferences."""
+    whiten_advantages: bool = True
+    """Standardise the GAE advantages over the batch's valid tokens. On in lm-human-preferences
+    and TRL."""
+    reward_clip: float | None = Field(None, gt=0.0)
+    """Clamp the sequence reward R to [−c, c] before it enters the token rewards (None: off, as in
+    InstructGPT, Llama 2 and TRL's ``score_clip``). Per-term clipping is the ``clip`` transform."""
+    penalty_clip: float | None = Field(None, gt=0.0)
+    """Clamp each token's reward penalty β·d_t to [−c, c] (reward units; None: off, as in
+    InstructGPT, Llama 2 and TRL). Bounds k1's negative and large per-token values."""
+    value_model: str | None = None
+    """None: a linear value head on the policy's final hidden states (shared trunk, as TRL's
+    value head). A model name (embedded short name, hub id or folder): a separate value model, its
+    own transformer trunk plus a linear head, trained with the policy's optimiser."""
+
+
 class AlgorithmConfig(Section):
     name: Literal["rloo", "grpo", "ppo", "fdpg"] = "rloo"
     num_generations: int = Field(4, ge=1)
@@ -133,6 +160,8 @@ class AlgorithmConfig(Section):
     scale_rewards: bool = True
     """GRPO: divide by the group's reward std (Dr. GRPO sets this off)."""
     # PPO (issue 4) and f-DPG (issue 5) add their keys here.
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    """PPO's own keys (``algorithm.ppo.*``); an error with any other algorithm."""
 
 
 class TrackingWandbConfig(Section):
@@ -192,6 +221,7 @@ class RunConfig(Section):
                 f"algorithm.num_generations must be ≥ 2 for {algo.name} (its baseline compares "
                 f"samples of the same prompt); got {algo.num_generations}"
             )
+        _validate_ppo(self)
         return self
 
     def resolved_output_dir(self) -> Path:
@@ -199,6 +229,24 @@ class RunConfig(Section):
             return Path(self.trainer.output_dir)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         return Path("runs") / f"{self.name}-{stamp}"
+
+
+def _validate_ppo(cfg: RunConfig) -> None:
+    """PPO credits the divergence through the reward; ``algorithm.ppo`` only applies to PPO
+    (its defaults are accepted anywhere, so a resolved config.yaml of any run loads back)."""
+    algo = cfg.algorithm
+    if algo.name != "ppo":
+        if algo.ppo != PPOConfig():
+            raise ValueError(
+                f"algorithm.ppo is only read by algorithm.name=ppo, not {algo.name}; remove it"
+            )
+        return
+    if cfg.kl.placement == "loss":
+        raise ValueError(
+            "kl.placement=loss is not valid with algorithm.name=ppo: PPO puts the divergence in "
+            "the reward (r_t = −β·d_t, credited by GAE). Use kl.placement=reward (InstructGPT, "
+            "Llama 2) or both (also β·d_t in the loss; with kl.estimator=exact the full gradient)"
+        )
 
 
 def _validate_divergence(kl: KLConfig) -> None:

@@ -245,6 +245,8 @@ class Trainer:
             skipped += 0 if ok else 1
         passes = algo.epochs * algo.num_minibatches
         out = {f"train/{k}": v / passes for k, v in sums.items()}
+        for name, total in self.algorithm.pop_update_sums().items():
+            out[name] = self._sum_across(total) / passes
         out["train/skipped"] = float(skipped)
         out["train/lr"] = self.scheduler.get_last_lr()[0]
         if skipped < passes:

@@ -62,6 +62,12 @@ class Algorithm(ABC):
         del hidden, batch, rows, num_tokens
         return None
 
+    def pop_update_sums(self) -> dict[str, float]:
+        """Metrics ``hidden_loss`` accumulated over this step's optimiser passes, by full metric
+        name, each a sum over passes of ``Σ_valid stat / num_tokens`` (the loop sums them across
+        processes and divides by the number of passes); resets them."""
+        return {}
+
     def modules(self) -> dict[str, torch.nn.Module]:
         """Trainable modules the algorithm owns (e.g. a value head), by name: the loop moves
         them to the device, optimises them with the policy and saves them as safetensors."""

@@ -1,0 +1,410 @@
+"""PPO with the divergence in the reward (MATH.md, "PPO with the penalty in the reward").
+
+GAE itself (hand-computed and against a loop), the summed value/policy losses and the Llama 2
+gate table are pinned in test_advantages.py, test_losses.py and test_rewards.py; here: the PPO
+path that uses them (token rewards, old values, GAE, whitening, value loss through
+``hidden_loss``), config errors, the enumerable bandit's closed-form optimum, adaptive β through
+the loop, and every divergence for two steps on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kltrain import checkpoint
+from kltrain.algorithms import make_algorithm
+from kltrain.algorithms.base import TrainBatch
+from kltrain.algorithms.ppo import Ppo
+from kltrain.chunked import fused_token_loss
+from kltrain.config import ConfigError, config_from_dict
+from kltrain.rollout import Rollout
+from kltrain.trainer import Trainer
+from kltrain.value_head import ValueHead
+from tests.helpers.tiny import make_tiny_model_dir
+from tests.test_algorithms import _bandit_rollout, _problem, reverse_kl_optimum
+
+F64 = torch.float64
+NAN = float("nan")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def ppo_raw(model: str = "unused", out=None, **sections) -> dict:
+    raw = {
+        "name": "tiny_ppo",
+        "model": {"policy": model},
+        "data": {
+            "prompts": "builtin:movie_reviews",
+            "chat_template": "off",
+            "max_prompt_tokens": 16,
+        },
+        "generation": {"max_new_tokens": 6},
+        "reward": {"terms": [{"name": "tests.helpers.loop_rewards:letter_e_count"}]},
+        "kl": {"divergence": "reverse_kl", "estimator": "k1", "placement": "reward", "coef": 0.1},
+        "algorithm": {"name": "ppo", "num_generations": 2, "epochs": 2, "num_minibatches": 2},
+        "trainer": {
+            "max_steps": 2,
+            "prompts_per_step": 2,
+            "micro_batch_size": 4,
+            "learning_rate": 1e-3,
+            "output_dir": str(out),
+            "log_samples_every": 1,
+        },
+        "tracking": {"wandb": {"mode": "disabled"}, "progress": False},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def metric_rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- config --------------------------------------------------------------------------------
+
+
+def test_ppo_refuses_the_divergence_in_the_loss_only():
+    with pytest.raises(ConfigError, match=r"kl\.placement=loss is not valid with .*ppo.*reward"):
+        config_from_dict(ppo_raw(kl={"placement": "loss"}))
+    for placement in ("reward", "both"):
+        config_from_dict(ppo_raw(kl={"placement": placement}))
+
+
+def test_ppo_keys_belong_to_ppo_and_are_range_checked():
+    with pytest.raises(ConfigError, match=r"algorithm\.ppo is only read by algorithm\.name=ppo"):
+        config_from_dict(ppo_raw(algorithm={"name": "rloo", "ppo": {"lam": 0.9}}))
+    resolved = config_from_dict(ppo_raw(algorithm={"name": "rloo"})).model_dump(mode="json")
+    assert config_from_dict(resolved).algorithm.name == "rloo"  # a dumped run config loads back
+    with pytest.raises(ConfigError, match=r"algorithm\.ppo\.lam: .*less than or equal to 1"):
+        config_from_dict(ppo_raw(algorithm={"ppo": {"lam": 1.5}}))
+    with pytest.raises(ConfigError, match=r"algorithm\.ppo\.gama: unknown key.*`algorithm\.ppo"):
+        config_from_dict(ppo_raw(algorithm={"ppo": {"gama": 0.9}}))
+    ppo = config_from_dict(ppo_raw()).algorithm.ppo  # literature defaults
+    assert (ppo.gamma, ppo.lam, ppo.value_coef, ppo.value_clip_range) == (1.0, 0.95, 0.1, 0.2)
+    assert ppo.whiten_advantages and ppo.reward_clip is None and ppo.penalty_clip is None
+
+
+# --- the PPO path on hand-computed tensors ------------------------------------------------
+
+
+def _algo(ppo: dict, hidden: int = 3, bias: float = 0.0) -> Ppo:
+    cfg = config_from_dict(ppo_raw(algorithm={"ppo": ppo}))
+    head = ValueHead(hidden)
+    with torch.no_grad():
+        head.linear.bias.fill_(bias)
+    return Ppo(cfg, value=head)
+
+
+def _rollout(mask: torch.Tensor, hidden: torch.Tensor) -> Rollout:
+    b, t = mask.shape
+    return Rollout(
+        prompt_indices=list(range(b)),
+        group_ids=torch.arange(b),
+        prompts=["x"] * b,
+        completions=[""] * b,
+        input_ids=torch.zeros(b, t + 1, dtype=torch.long),
+        attention_mask=torch.cat([torch.ones(b, 1, dtype=torch.long), mask.long()], dim=1),
+        completion_mask=mask,
+        prompt_length=1,
+        policy_hidden=hidden,
+    )
+
+
+MASK = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+PENALTY = torch.tensor([[0.1, 0.2, 0.3], [0.4, NAN, 9.0], [NAN, 1.0, 1.0]])  # β·d_t
+REWARDS = torch.tensor([1.0, 2.0, 5.0])
+
+
+def test_prepare_assembles_rewards_values_and_gae_by_hand():
+    """γ = 0.9, λ = 0.8, V ≡ 0.5 (head bias), no whitening:
+    row 0: r = (−0.1, −0.2, −0.3 + 1) ; δ = (−0.1 + 0.45 − 0.5, −0.2 + 0.45 − 0.5, 0.7 − 0.5)
+           = (−0.15, −0.25, 0.2); A_2 = 0.2, A_1 = −0.25 + 0.72·0.2 = −0.106,
+           A_0 = −0.15 + 0.72·(−0.106) = −0.22632; G = A + 0.5
+    row 1: one token, r = 2 − 0.4 = 1.6, A = 1.1, G = 1.6 (padding: NaN penalty ignored)
+    row 2: no valid token (an invalid sample): nothing anywhere."""
+    algo = _algo({"gamma": 0.9, "lam": 0.8, "whiten_advantages": False}, bias=0.5)
+    batch = algo.prepare(_rollout(MASK, torch.zeros(3, 3, 3)), REWARDS, PENALTY)
+    r = batch.extras["token_rewards"]
+    torch.testing.assert_close(
+        r, torch.tensor([[-0.1, -0.2, 0.7], [1.6, 0, 0], [0, 0, 0]]), rtol=0, atol=1e-7
+    )
+    torch.testing.assert_close(batch.extras["old_values"], 0.5 * MASK.float(), rtol=0, atol=0)
+    adv = torch.tensor([[-0.22632, -0.106, 0.2], [1.1, 0, 0], [0, 0, 0]])
+    torch.testing.assert_close(batch.advantages, adv, rtol=0, atol=1e-6)
+    torch.testing.assert_close(batch.extras["returns"], (adv + 0.5) * MASK, rtol=0, atol=1e-6)
+    m = batch.metrics
+    assert m["value/values_mean"] == pytest.approx(0.5)
+    returns = torch.tensor([0.27368, 0.394, 0.7, 1.6], dtype=F64)
+    assert m["value/returns_mean"] == pytest.approx(float(returns.mean()), abs=1e-6)
+    ev = 1 - (returns - 0.5).var(unbiased=False) / returns.var(unbiased=False)
+    assert m["value/explained_variance"] == pytest.approx(float(ev), abs=1e-6)  # = 0 here
+
+
+def test_penalty_on_every_token_reward_on_the_last_and_clipping():
+    """Without β (penalty None) only R sits on the last valid token; reward_clip clamps R,
+    penalty_clip clamps each β·d_t."""
+    algo = _algo({})
+    plain = algo.token_rewards(REWARDS, None, MASK)
+    torch.testing.assert_close(plain, torch.tensor([[0, 0, 1.0], [2.0, 0, 0], [0, 0, 0]]))
+    clipped = _algo({"reward_clip": 1.5, "penalty_clip": 0.15}).token_rewards(
+        REWARDS, PENALTY, MASK
+    )
+    expected = torch.tensor([[-0.1, -0.15, -0.15 + 1.0], [-0.15 + 1.5, 0, 0], [0, 0, 0]])
+    torch.testing.assert_close(clipped, expected, rtol=0, atol=1e-7)
+
+
+def test_whitened_advantages_have_zero_mean_unit_variance_over_valid_tokens():
+    algo = _algo({})
+    batch = algo.prepare(_rollout(MASK, torch.zeros(3, 3, 3)), REWARDS, PENALTY)
+    valid = batch.advantages[MASK].double()
+    assert float(valid.mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float(valid.var(unbiased=False)) == pytest.approx(1.0, abs=1e-5)
+    assert (batch.advantages[~MASK] == 0).all()
+
+
+def test_hidden_loss_is_the_clipped_value_loss_by_hand():
+    """V = w·h + b with w = (1, 0, 0), b = 0; rows [0, 1] of MASK (4 valid tokens).
+    V_old = 1, G = (2, 2, 1 | 0), V = (1.1, 1.5, 1.5 | 0.5): the four cases of test_losses'
+    hand table, ½·max(...) = (0.405, 0.32, 0.125, 0.32); value_coef 0.1, num_tokens 4."""
+    algo = _algo({"value_coef": 0.1, "value_clip_range": 0.2})
+    with torch.no_grad():
+        algo.value.linear.weight.copy_(torch.tensor([[1.0, 0.0, 0.0]]))
+    hidden = torch.zeros(2, 3, 3)
+    hidden[0, :, 0] = torch.tensor([1.1, 1.5, 1.5])
+    hidden[1, 0, 0] = 0.5
+    hidden[1, 1:, 0] = NAN  # padding: must not reach the loss
+    rollout = _rollout(MASK[:2], hidden)
+    rows = torch.arange(2)
+    batch = TrainBatch(
+        rollout,
+        torch.zeros(2, 3),
+        extras={
+            "old_values": torch.tensor([[1.0, 1.0, 1.0], [1.0, 0, 0]]),
+            "returns": torch.tensor([[2.0, 2.0, 1.0], [0.0, 0, 0]]),
+        },
+    )
+    loss = algo.hidden_loss(hidden, batch, rows, num_tokens=4)
+    assert loss.item() == pytest.approx(0.1 * (0.405 + 0.32 + 0.125 + 0.32) / 4, rel=1e-6)
+    loss.backward()
+    # ∂/∂w_0 = 0.1/4 · Σ_unclipped (V − G)·h_0 = 0.025·(−0.9·1.1 + 0.5·1.5)
+    assert float(algo.value.linear.weight.grad[0, 0]) == pytest.approx(
+        0.025 * (-0.9 * 1.1 + 0.5 * 1.5), rel=1e-5
+    )
+    assert float(algo.value.linear.bias.grad) == pytest.approx(0.025 * (-0.9 + 0.5), rel=1e-5)
+    sums = algo.pop_update_sums()
+    assert sums["value/loss"] == pytest.approx((0.405 + 0.32 + 0.125 + 0.32) / 4, rel=1e-6)
+    assert sums["value/clip_fraction"] == pytest.approx(0.5)
+    assert algo.pop_update_sums() == {}
+
+
+def test_policy_loss_is_the_clipped_surrogate_by_hand():
+    """ε = 0.2: ratio 1.5, A = 1 → clipped at 1.2 → −1.2; ratio 0.5, A = −1 → −0.8·(−1)=0.8
+    clipped; ratio 1.1, A = −2 → 2.2 unclipped."""
+    algo = _algo({})
+    old = torch.zeros(3, dtype=F64)
+    lp = torch.log(torch.tensor([1.5, 0.5, 1.1], dtype=F64)).requires_grad_(True)
+    loss, stats = algo.token_loss(lp, old, torch.tensor([1.0, -1.0, -2.0], dtype=F64))
+    torch.testing.assert_close(loss.detach(), torch.tensor([-1.2, 0.8, 2.2], dtype=F64))
+    assert stats["clipped"].tolist() == [1.0, 1.0, 0.0]
+    loss.sum().backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([0.0, 0.0, 2.2], dtype=F64))
+
+
+# --- the enumerable bandit -----------------------------------------------------------------
+
+BETA = 0.5
+
+
+def train_ppo_bandit(steps: int = 150, prompts: int = 8, k: int = 8):
+    """One-token completions over V = 6 tokens; the policy is a free logit vector. k1 reverse
+    KL in the reward, value head on a constant hidden state (a learned baseline), 2 epochs × 2
+    minibatches per rollout batch, advantages whitened."""
+    torch.manual_seed(1)
+    ref_logits, reward = _problem()
+    v = ref_logits.numel()
+    cfg = config_from_dict(
+        ppo_raw(
+            kl={"coef": BETA},
+            algorithm={"num_generations": k, "epochs": 2, "num_minibatches": 2},
+        )
+    )
+    algo = Ppo(cfg, value=ValueHead(1))
+    weight = torch.nn.Parameter(ref_logits.clone().view(v, 1))
+    params = [weight, *algo.value.parameters()]
+    opt = torch.optim.Adam(params, lr=0.05)
+    passes = cfg.algorithm.epochs * cfg.algorithm.num_minibatches
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps * passes, eta_min=1e-3)
+    n = prompts * k
+    ones = torch.ones(n, 1)
+    ref_lp = torch.log_softmax(ref_logits, 0)
+    for _ in range(steps):
+        with torch.no_grad():
+            probs = torch.softmax(weight.view(-1), dim=0)
+            tokens = torch.multinomial(probs, n, replacement=True)
+            old = torch.log(probs)[tokens]
+        rollout = _bandit_rollout(tokens, k)
+        rollout.policy_hidden = ones.view(n, 1, 1)
+        penalty = BETA * (old - ref_lp[tokens]).view(n, 1)  # β·k1
+        batch = algo.prepare(rollout, reward[tokens], penalty)
+        adv = batch.advantages.view(-1)
+        for _ in range(cfg.algorithm.epochs):
+            for rows in torch.randperm(n).split(n // cfg.algorithm.num_minibatches):
+                m = len(rows)
+
+                def loss_fn(chunk, rows=rows, m=m, old=old, adv=adv):
+                    idx = rows[chunk.index]
+                    per_token, _ = algo.token_loss(chunk.logprobs, old[idx], adv[idx])
+                    return per_token.sum() / m
+
+                opt.zero_grad()
+                loss = fused_token_loss(ones[rows].requires_grad_(), weight, tokens[rows], loss_fn)
+                loss = loss + algo.hidden_loss(ones[rows].view(m, 1, 1), batch, rows, m)
+                loss.backward()
+                opt.step()
+                sched.step()
+    return torch.softmax(weight.detach().view(-1), dim=0), ref_logits, reward, algo
+
+
+def test_ppo_k1_in_the_reward_reaches_the_reverse_kl_optimum():
+    """π* = π_ref·exp(R/β)/Z within 0.005 in every probability (max |π − π*|; measured 2e-4
+    after 150 steps, while π_ref is 0.31 away from π*)."""
+    pi, ref_logits, reward, algo = train_ppo_bandit()
+    target = reverse_kl_optimum(ref_logits, reward, BETA)
+    assert (pi - target).abs().max() < 0.005, (pi, target)
+    assert (torch.softmax(ref_logits, 0) - target).abs().max() > 0.15  # it had to move
+    # the value head learned the baseline: E_π*[R − β·log(π*/π_ref)] = β·log Z
+    log_z = BETA * torch.logsumexp(torch.log_softmax(ref_logits, 0) + reward / BETA, 0)
+    assert algo.value.head(torch.ones(1)).detach().item() == pytest.approx(float(log_z), abs=0.01)
+
+
+# --- through the loop, on tiny models -----------------------------------------------------
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "js"])
+def test_two_steps_write_the_run_folder_with_the_value_head(tiny_model, tmp_path, divergence):
+    out = tmp_path / "run"
+    raw = ppo_raw(
+        tiny_model, out, kl={"divergence": divergence, "estimator": "exact", "placement": "both"}
+    )
+    trainer = Trainer(config_from_dict(raw))
+    summary = trainer.fit()
+    assert summary["steps"] == 2
+    rows = metric_rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        for key in ("value/loss", "value/clip_fraction", "value/returns_mean", "train/loss"):
+            assert torch.isfinite(torch.tensor(row[key])), key
+        assert -1e9 < row["value/explained_variance"] <= 1.0
+        assert f"train/{divergence}/exact" in row
+    assert rows[-1]["divergence/reverse_kl"] > 1e-7  # the policy moved
+    head = load_file(str(out / "final" / "value_head.safetensors"))
+    assert set(head) == {"linear.weight", "linear.bias"}
+    assert float(head["linear.weight"].abs().max()) > 0  # trained from its zero init
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_loop_puts_beta_k1_on_every_token_and_the_reward_on_the_last(tiny_model, tmp_path):
+    """What the loop hands PPO: r_t = −β·(ℓ_old − ℓ_ref) on each generated token, + R on the
+    last, 0 on padding."""
+    trainer = Trainer(config_from_dict(ppo_raw(tiny_model, tmp_path / "run")))
+    seen = {}
+    prepare = trainer.algorithm.prepare
+
+    def spy(rollout, rewards, penalty):
+        seen["batch"] = prepare(rollout, rewards, penalty)
+        return seen["batch"]
+
+    trainer.algorithm.prepare = spy
+    result = trainer.train_step()
+    batch, r = seen["batch"], result.rollout
+    mask = r.completion_mask
+    k1 = r.stats["logprobs"] - r.stats["ref_logprobs"]
+    expected = torch.where(mask, -0.1 * k1, 0.0)
+    last = mask.long().cumsum(1).argmax(1)
+    expected[torch.arange(len(last)), last] += result.rewards
+    torch.testing.assert_close(batch.extras["token_rewards"], expected, rtol=1e-6, atol=1e-6)
+    assert (batch.advantages[~mask] == 0).all() and (batch.extras["returns"][~mask] == 0).all()
+
+
+def test_adaptive_beta_through_the_loop_follows_math_md(tiny_model, tmp_path):
+    """β_{s+1} = β_s·(1 + clip(KL_s/target − 1, −0.2, 0.2)·n/H) with KL_s the step's k1 per
+    sequence and n its 4 sequences; the controller's state is in the checkpoint."""
+    out = tmp_path / "run"
+    raw = ppo_raw(
+        tiny_model,
+        out,
+        kl={"adaptive": {"target": 0.05, "horizon": 10.0}},
+        trainer={"max_steps": 4, "learning_rate": 1e-2, "save_every": 4},
+    )
+    trainer = Trainer(config_from_dict(raw))
+    trainer.fit()
+    rows = metric_rows(out)
+    betas = [r["train/coef"] for r in rows] + [trainer.coef.value]
+    assert betas[0] == 0.1
+    for s, row in enumerate(rows):
+        error = min(max(row["train/reverse_kl/k1"] / 0.05 - 1.0, -0.2), 0.2)
+        assert betas[s + 1] == pytest.approx(betas[s] * (1 + error * 4 / 10.0), rel=1e-12)
+    assert len(set(betas)) > 1  # it moved
+    state = checkpoint.load_state(checkpoint.latest(out / "checkpoints"))
+    assert state["coef"]["value"] == pytest.approx(trainer.coef.value, rel=1e-15)
+
+
+def test_separate_value_model(tiny_model, tmp_path):
+    """algorithm.ppo.value_model: its own trunk (no policy hidden states kept), saved in final/."""
+    out = tmp_path / "run"
+    raw = ppo_raw(tiny_model, out, algorithm={"ppo": {"value_model": tiny_model}})
+    trainer = Trainer(config_from_dict(raw))
+    assert not trainer.algorithm.needs_policy_hidden
+    trainer.fit()
+    assert all(torch.isfinite(torch.tensor(r["value/loss"])) for r in metric_rows(out))
+    saved = load_file(str(out / "final" / "value_model.safetensors"))
+    assert "value_head.linear.weight" in saved and any(k.startswith("trunk.") for k in saved)
+    assert float(saved["value_head.linear.weight"].abs().max()) > 0
+
+
+def test_make_algorithm_builds_ppo_with_a_head_sized_from_the_policy(tiny_model):
+    algo = make_algorithm(config_from_dict(ppo_raw(tiny_model)))
+    assert isinstance(algo, Ppo) and algo.needs_policy_hidden
+    assert algo.value.linear.in_features == 32  # tiny model's hidden size
+
+
+def test_gradient_accumulation_invariance_with_the_value_loss(tiny_model, tmp_path):
+    """Micro-batches of 1 with accumulation give the same policy and value-head update as one
+    batch of 4: the value loss is normalised by the step's global token count too."""
+    trainers = []
+    for micro in (1, 4):
+        raw = ppo_raw(
+            tiny_model,
+            tmp_path / f"run{micro}",
+            algorithm={"epochs": 1, "num_minibatches": 1},
+            trainer={"micro_batch_size": micro, "max_grad_norm": None},
+        )
+        trainer = Trainer(config_from_dict(raw))
+        trainer.optimizer = torch.optim.SGD(trainer.params, lr=1.0)  # Δθ = −∇
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
+        trainers.append(trainer)
+    named = [
+        {**dict(t.models.policy.named_parameters()), **dict(t.algorithm.value.named_parameters())}
+        for t in trainers
+    ]
+    start = {k: v.detach().clone() for k, v in named[0].items()}
+    first = trainers[0]
+    rollout = first.make_rollout()
+    rewards, _ = first.score(rollout, step=1)
+    penalty = first.coef.value * first.regulariser.reward_penalty(rollout.stats)
+    batch = first.algorithm.prepare(rollout, rewards, penalty)
+    metrics = [t.optimise(batch, step=1) for t in trainers]
+    assert metrics[0]["value/loss"] == pytest.approx(metrics[1]["value/loss"], rel=1e-5)
+    for name, value in named[0].items():
+        torch.testing.assert_close(
+            value - start[name], named[1][name] - start[name], rtol=1e-4, atol=1e-7
+        )
+    moved = (named[0]["linear.weight"] - start["linear.weight"]).detach().abs().max()
+    assert float(moved) > 1e-4  # the value head was updated
