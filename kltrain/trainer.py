@@ -37,6 +37,10 @@ from kltrain.rewards import RewardFunction
 from kltrain.rollout import Rollout, completion_hidden, generate, measure
 from kltrain.tracking import RunLogger
 
+#: Per-token statistics summed inside the lm_head kernel over this process's tokens (each
+#: already divided by the global token count), so the processes' sums add up to the global value.
+LOCAL_TOKEN_SUMS = ("clip_fraction", "approx_kl_old")
+
 
 class TrainingStopped(RuntimeError):
     """The run stopped itself (a guard fired); the message says at which step and why."""
@@ -244,6 +248,8 @@ class Trainer:
             ok = self._optimiser_step(batch, rows, sums, step)
             skipped += 0 if ok else 1
         passes = algo.epochs * algo.num_minibatches
+        for key in LOCAL_TOKEN_SUMS:  # this process's tokens only: add up the processes
+            sums[key] = self._sum_across(sums[key])
         out = {f"train/{k}": v / passes for k, v in sums.items()}
         for name, total in self.algorithm.pop_update_sums().items():
             out[name] = self._sum_across(total) / passes
