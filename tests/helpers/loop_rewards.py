@@ -16,3 +16,8 @@ def fail_after_first_call(prompts, completions, **kwargs):
 def letter_e_count(prompts, completions, **kwargs):
     """A reward tiny random models can move: how many 'e's the completion has."""
     return [float(c.count("e")) for c in completions]
+
+
+def none_for_second_sample(prompts, completions, **kwargs):
+    """Like letter_e_count, but the second sample of every batch has no score (None)."""
+    return [None if i == 1 else float(c.count("e")) for i, c in enumerate(completions)]
