@@ -222,7 +222,7 @@ def test_a_pickle_with_code_placed_as_a_checkpoint_is_refused(env, reference, tm
             return (os.system, (f"touch {pwned}",))
 
     target = run / "checkpoints" / "step-00000012" / "optimizer.pt"
-    target.write_bytes(pickle.dumps({"state": Payload()}))
+    target.write_bytes(pickle.dumps({"state": Payload()}, protocol=2))
     cfg = load_config(write_config(tmp_path / "c.yaml", env["model"], env["prompts"], run))
     with pytest.raises(CheckpointError, match=r"optimizer.pt: refused to load"):
         Trainer(cfg, resume="auto")
