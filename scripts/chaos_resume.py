@@ -26,7 +26,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from kltrain import checkpoint
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's kltrain, in this process and (cwd) the runs
+
+from kltrain import checkpoint  # noqa: E402
 
 CONFIG = {
     "name": "chaos",
@@ -65,6 +68,7 @@ def attempt(config: Path, log: Path, kill_after: float | None) -> int | None:
             stdout=subprocess.PIPE,
             stderr=fh,
             text=True,
+            cwd=REPO,
         )
         for line in proc.stdout:  # "run folder" is printed once the model is built
             fh.write(line)
@@ -132,7 +136,7 @@ def main() -> int:
     parser.add_argument("--out", default="runs/chaos")
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    root = Path(args.out)
+    root = Path(args.out).resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     ref = root / "reference"
