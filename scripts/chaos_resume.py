@@ -160,7 +160,7 @@ def main() -> int:
             remaining = train_seconds * (args.steps - step) / args.steps
             delay = rng.uniform(0.0, remaining + 2.0)
             if attempt(config, log, delay) is None:
-                kills.append(f"{delay:.1f}s after start, resumed from step {step}")
+                kills.append(f"{delay:.1f}s into an attempt starting at step {step}")
         rc = attempt(config, log, None)
         diff = differences(ref, run, args.steps) if rc == 0 else [f"exit code {rc}"]
         matched += not diff
