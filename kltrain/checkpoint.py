@@ -1,9 +1,11 @@
-"""Atomic checkpoints of the run state.
+"""Atomic checkpoints of the run state, and resuming from them.
 
 Layout: ``<run>/checkpoints/step-00000012/`` holding ``model/`` (safetensors via
-``save_pretrained``, or the PEFT adapter), ``optimizer.pt`` and ``scheduler.pt`` (tensors only,
-read back with ``weights_only=True``), ``state.json`` (step and every stateful object's
-``state_dict()``) and, written last, the completeness marker ``COMPLETE``.
+``save_pretrained``, or the PEFT adapter), ``modules/<name>.safetensors`` (algorithm-owned modules
+such as a value head), ``optimizer.pt`` and ``scheduler.pt`` (tensors and plain values only, read
+back with ``weights_only=True``), ``state.json`` (step and every stateful object's
+``state_dict()``), ``rng.json`` (every process's Python, NumPy, torch and CUDA generator states),
+``config.yaml`` (the resolved config) and, written last, the completeness marker ``COMPLETE``.
 
 A checkpoint is written into a hidden temporary folder and renamed into place only once complete;
 folders without the marker are never loaded and never counted; old checkpoints are deleted only
@@ -12,16 +14,42 @@ after the new one is complete, so some complete checkpoint exists at every momen
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from kltrain.config import ConfigError
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+
+#: Config fields that do not change what a run computes: they may differ on resume.
+NON_RUN_FIELDS = (
+    "name",
+    "trainer.output_dir",
+    "trainer.save_every",
+    "trainer.keep_last",
+    "trainer.log_samples_every",
+    "trainer.eval_every",
+    "trainer.resume",
+    "trainer.max_consecutive_skips",
+    "kl.max",
+    "tracking.",
+)
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from; the message names it and what to do."""
 
 
 def save(
@@ -33,25 +61,57 @@ def save(
     scheduler: Any,
     states: dict[str, Any],
     keep_last: int,
+    modules: dict[str, torch.nn.Module] | None = None,
+    rng: list[dict[str, Any]] | None = None,
+    config_text: str | None = None,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically and prune to the newest ``keep_last``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(root)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = root / f"{TMP_PREFIX}{PREFIX}{step:08d}-{os.getpid()}"
     tmp.mkdir()
     model.save_pretrained(tmp / "model", safe_serialization=True)
+    if modules:
+        (tmp / "modules").mkdir()
+        for name, module in modules.items():
+            save_file(
+                _contiguous(module.state_dict()), str(tmp / "modules" / f"{name}.safetensors")
+            )
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **states}, indent=1))
+    (tmp / "rng.json").write_text(json.dumps(rng or []))
+    if config_text is not None:
+        (tmp / "config.yaml").write_text(config_text)
     _write_durably(tmp / MARKER, "complete\n")
-    if final.exists():  # a complete checkpoint of this step already exists: keep it
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, final)
+    _install(tmp, final)
     prune(root, keep_last)
     return final
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in tensors.items()}
+
+
+def _remove_stale_tmp(root: Path) -> None:
+    """Temporary folders of saves that were killed: never complete, never loaded, removed."""
+    for stale in root.glob(f"{TMP_PREFIX}{PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` to ``final``. A ``final`` that exists comes from a timeline
+    abandoned by resuming an older checkpoint: it is replaced (that older checkpoint is still
+    there meanwhile, so a complete checkpoint exists at every moment)."""
+    if final.exists():
+        old = final.with_name(f"{TMP_PREFIX}old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
 
 
 def _write_durably(path: Path, text: str) -> None:
@@ -87,10 +147,168 @@ def load_state(path: Path) -> dict[str, Any]:
     """The JSON state of a complete checkpoint (step, sampler, β controller, ...)."""
     path = Path(path)
     if not is_complete(path):
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
     return json.loads((path / "state.json").read_text())
 
 
 def load_tensors(path: Path) -> Any:
-    """Optimizer/scheduler state: tensors only; a pickle with code in it is refused."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Optimizer/scheduler state: tensors and plain values only; a pickle that would run code
+    (or build any other object) is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for a hostile file, others for a corrupt one
+        first = str(err).split(". ")[0]
+        raise CheckpointError(
+            f"{path}: refused to load: it is not a plain tensor file that weights_only=True can "
+            f"read ({type(err).__name__}: {first}). kltrain never unpickles code; remove this "
+            f"checkpoint or resume from another"
+        ) from None
+
+
+def load_rng(path: Path) -> list[dict[str, Any]]:
+    return json.loads((Path(path) / "rng.json").read_text())
+
+
+def load_config_dict(path: Path) -> dict[str, Any] | None:
+    """The resolved config saved with the checkpoint (None for a checkpoint without one)."""
+    file = Path(path) / "config.yaml"
+    return yaml.safe_load(file.read_text()) if file.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+
+
+def load_model(path: Path, model: torch.nn.Module) -> None:
+    """Load ``model/`` of a checkpoint into ``model`` in place: the PEFT adapter for a PEFT
+    model, else the full weights (tied weights, saved once, are filled through their tie)."""
+    folder = Path(path) / "model"
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    if hasattr(model, "peft_config"):
+        _load_adapter(folder, model, tensors)
+        return
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in tensors}
+    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
+    if untied or unexpected:
+        raise CheckpointError(
+            f"{folder}: weights do not match the model: missing {untied[:5]}, unexpected "
+            f"{unexpected[:5]}; was this checkpoint written for another model.policy?"
+        )
+
+
+def _load_adapter(folder: Path, model: torch.nn.Module, tensors: dict) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, tensors)
+    trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    if result.unexpected_keys or len(tensors) != trainable:
+        raise CheckpointError(
+            f"{folder}: the adapter has {len(tensors)} tensors for {trainable} trainable "
+            f"parameters (unexpected {list(result.unexpected_keys)[:5]}); was it written with "
+            f"another model.lora?"
+        )
+
+
+def load_modules(path: Path, modules: dict[str, torch.nn.Module]) -> None:
+    """Algorithm-owned modules (``Algorithm.modules()``), strictly by name."""
+    for name, module in modules.items():
+        file = Path(path) / "modules" / f"{name}.safetensors"
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing: the checkpoint has no module {name!r}")
+        module.load_state_dict(load_file(str(file)), strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random generators
+
+
+def encode_state(state: torch.Tensor) -> str:
+    """A generator state (uint8 tensor) as base64 text, so it fits in JSON."""
+    return base64.b64encode(state.cpu().numpy().tobytes()).decode("ascii")
+
+
+def decode_state(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's global generators: Python, NumPy, torch CPU and every CUDA device (the
+    ones ``generate`` samples from)."""
+    py = random.getstate()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+        "torch": encode_state(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = [encode_state(s) for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def restore_rng(record: dict[str, Any]) -> None:
+    version, state, gauss = record["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = record["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(decode_state(record["torch"]))
+    if "cuda" in record and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([decode_state(s) for s in record["cuda"]])
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding what to resume, and whether the config allows it
+
+
+def find_resume(resume: str, output_dir: str | None) -> tuple[Path, Path | None]:
+    """``(run folder, checkpoint or None)`` for ``resume``: ``auto`` (the newest complete
+    checkpoint of ``output_dir``, None for a run that has none yet), a checkpoint folder, or a
+    run folder (its newest)."""
+    if resume == "auto":
+        if not output_dir:
+            raise CheckpointError(
+                "--resume / trainer.resume=auto needs trainer.output_dir (the run folder to "
+                "continue); set it, or pass --resume PATH to a checkpoint or run folder"
+            )
+        return Path(output_dir), latest(Path(output_dir) / "checkpoints")
+    path = Path(resume)
+    if is_complete(path):
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return Path(output_dir) if output_dir else run, path
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {path}: no such checkpoint or run folder")
+    found = latest(path / "checkpoints") or latest(path)
+    if found is None:
+        raise CheckpointError(
+            f"--resume {path}: not a complete checkpoint (no {MARKER} marker: its save was "
+            f"interrupted) and no complete checkpoint inside it; complete ones near it: "
+            f"{[p.name for p in list_complete(path.parent)] or 'none'}"
+        )
+    return Path(output_dir) if output_dir else (found.parent.parent), found
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved → current`` for every field that changes what the run computes."""
+    old, new = _flatten(saved), _flatten(current)
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if key in ("versions", "gradient_followed") or key.startswith("versions."):
+            continue
+        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in NON_RUN_FIELDS):
+            continue
+        if old.get(key, "<absent>") != new.get(key, "<absent>"):
+            lines.append(f"{key}: {old.get(key, '<absent>')!r} → {new.get(key, '<absent>')!r}")
+    return lines
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,9 +1,16 @@
-"""``kltrain fit|validate|divergences``: parse, validate, launch. No training logic here."""
+"""``kltrain fit|validate|divergences``: parse, validate, launch. No training logic here.
+
+Exit codes of ``fit``: 0 done; 2 bad input — config, data, model, reward or checkpoint (the
+message names it); 3 a guard
+stopped the run (non-finite updates, ``kl.max``); 75 stopped on SIGTERM/SIGUSR1 after writing a
+complete checkpoint (rerun with ``--resume``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from kltrain import __version__
 from kltrain.config import ConfigError, load_config, to_yaml
@@ -19,6 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="train from a config (YAML plus key=value overrides)")
     fit.add_argument("config", help="path to a YAML config, e.g. configs/quickstart.yaml")
     fit.add_argument("overrides", nargs="*", help="dotted overrides, e.g. kl.coef=0.05")
+    fit.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="PATH",
+        help="continue from the newest complete checkpoint in trainer.output_dir, or from PATH "
+        "(a checkpoint or run folder); starts fresh when the run folder has none yet",
+    )
+    fit.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though run-changing config fields differ from the checkpoint's",
+    )
     val = sub.add_parser("validate", help="load, resolve and check a config; print it")
     val.add_argument("config")
     val.add_argument("overrides", nargs="*")
@@ -26,13 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Exit codes: 0 done, 2 bad input (config, data, model, reward), 3 the run stopped itself.
+#: Exit codes (see the module docstring; 75, after a preemption, comes from ``Preempted``).
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides after an option (`fit cfg --resume PATH k=v`) land here
+        if args.command != "fit" or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return COMMANDS[args.command](args)
     except _user_errors() as err:
@@ -60,15 +85,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    resume, overrides = _split_resume(args.resume, args.overrides)
+    cfg = load_config(args.config, overrides)
+    from kltrain.preemption import Preempted
     from kltrain.trainer import Trainer, TrainingStopped
 
     try:
-        Trainer(cfg).fit()
+        Trainer(cfg, resume=resume, allow_config_change=args.allow_config_change).fit()
     except TrainingStopped as err:
         print(f"kltrain: stopped: {err}", file=sys.stderr)
         return EXIT_STOPPED
+    except Preempted as err:
+        print(f"kltrain: preempted: {err}; rerun with --resume to continue", file=sys.stderr)
+        return err.exit_code
     return 0
+
+
+def _split_resume(resume: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """``fit cfg --resume kl.coef=0.1``: argparse hands the override to --resume as its PATH;
+    a value with ``=`` that is not an existing path is an override, and --resume means auto."""
+    if resume and "=" in resume and not Path(resume).exists():
+        return "auto", [resume, *overrides]
+    return resume, overrides
 
 
 def cmd_divergences(args: argparse.Namespace) -> int:

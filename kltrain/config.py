@@ -195,6 +195,13 @@ class TrainerConfig(Section):
     save_every: int = Field(0, ge=0)
     """Checkpoint every N steps (0: only at the end)."""
     keep_last: int = Field(2, ge=1)
+    """Complete checkpoints kept; older ones are deleted only after a newer one is complete."""
+    resume: str | None = None
+    """`auto`: continue from the newest complete checkpoint in `output_dir` (a fresh start when
+    there is none yet); a path: from that checkpoint (or that run folder's newest)."""
+    max_consecutive_skips: int = Field(3, ge=1)
+    """Stop the run after this many optimiser updates in a row skipped for a non-finite loss or
+    gradient norm."""
     log_samples_every: int = Field(5, ge=0)
     eval_every: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -1,6 +1,11 @@
 """What a run shows and leaves behind: the console progress bar and summary, ``config.yaml``,
 ``metrics.jsonl`` (one JSON object per step), ``samples.jsonl``, and W&B through Accelerate's
-trackers. Only the main process writes."""
+trackers. Only the main process writes.
+
+A resumed run (``start(first_step=s)`` with s > 0) first cuts both JSONL files back to steps ≤ s,
+so the steps a crashed attempt logged after its last checkpoint are replaced, not doubled; W&B
+continues the same run id (``resume="allow"``) and steps it already holds are not sent again, so
+its step axis never goes backwards."""
 
 from __future__ import annotations
 
@@ -51,11 +56,16 @@ class RunLogger:
         self.main = accelerator.is_main_process
         self.history: list[dict[str, Any]] = []
         self.bar: tqdm | None = None
+        self.wandb_next_step = 0
 
-    def start(self, regulariser: Regulariser, first_step: int = 0) -> None:
+    def start(
+        self, regulariser: Regulariser, first_step: int = 0, run_id: str | None = None
+    ) -> None:
         if not self.main:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.history = truncate_jsonl(self.dir / "metrics.jsonl", first_step)
+        truncate_jsonl(self.dir / "samples.jsonl", first_step)
         extra = {
             "versions": library_versions(),
             "gradient_followed": regulariser.gradient.key,
@@ -68,7 +78,7 @@ class RunLogger:
             f"({regulariser.gradient.explanation})",
             flush=True,
         )
-        self._init_wandb(extra)
+        self._init_wandb(extra, run_id)
         self.bar = tqdm(
             total=self.cfg.trainer.max_steps,
             initial=first_step,
@@ -77,7 +87,7 @@ class RunLogger:
             dynamic_ncols=True,
         )
 
-    def _init_wandb(self, extra: dict[str, Any]) -> None:
+    def _init_wandb(self, extra: dict[str, Any], run_id: str | None) -> None:
         wb = self.cfg.tracking.wandb
         if wb.mode == "disabled":
             return
@@ -89,12 +99,16 @@ class RunLogger:
             "name": wb.run_name or self.dir.name,
             "dir": str(self.dir),
         }
+        if run_id:
+            init.update(id=run_id, resume="allow")
         config = {**self.cfg.model_dump(mode="json"), **extra}
         self.acc.init_trackers(wb.project, config=config, init_kwargs={"wandb": init})
+        run = self.acc.get_tracker("wandb", unwrap=True)
+        self.wandb_next_step = int(getattr(run, "step", 0) or 0)
 
     def log_step(self, result: StepResult) -> None:
         metrics = {"step": result.step, **result.metrics}
-        if self.cfg.tracking.wandb.mode != "disabled":
+        if self.cfg.tracking.wandb.mode != "disabled" and result.step >= self.wandb_next_step:
             self.acc.log(result.metrics, step=result.step)
         if not self.main:
             return
@@ -135,6 +149,26 @@ class RunLogger:
             print("kltrain: summary " + ", ".join(f"{k}={_short(v)}" for k, v in summary.items()))
             print(f"kltrain: wrote {self.dir}", flush=True)
         return summary
+
+
+def truncate_jsonl(path: Path, last_step: int) -> list[dict[str, Any]]:
+    """Keep the rows of ``path`` with ``step ≤ last_step`` (rewritten atomically); return them.
+    A torn last line (the process was killed mid-write) is dropped."""
+    if not path.is_file():
+        return []
+    rows, kept = [], []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", math.inf) <= last_step:
+            rows.append(row)
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return rows
 
 
 def summarise(history: list[dict[str, Any]], window: int = 3) -> dict[str, float]:

@@ -5,11 +5,16 @@ measure per-token statistics (policy, reference, exact divergences) → score �
 optimise (micro-batches, losses normalised by the step's *global* valid-token count, gradients
 summed across processes) → update β → log (metrics reduced across processes, files written by the
 main process only) → checkpoint.
+
+Resuming (``trainer.resume`` / ``kltrain fit --resume``) rebuilds everything from the config, then
+loads a checkpoint over it (:meth:`Trainer._restore`): the run continues bit for bit. SIGTERM and
+SIGUSR1 stop the run at the next safe point with a complete checkpoint (:mod:`kltrain.preemption`).
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,15 +24,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import save_file
 from torch import Tensor
 from transformers import get_scheduler
 
-from kltrain import checkpoint
+from kltrain import checkpoint, preemption
 from kltrain.algorithms import TrainBatch, make_algorithm
 from kltrain.chunked import TokenChunk, fused_token_loss
-from kltrain.config import ConfigError, RunConfig, prompts_per_process
+from kltrain.config import ConfigError, RunConfig, prompts_per_process, to_yaml
 from kltrain.control import make_coef
 from kltrain.data import PromptSampler, load_prompts, process_share, render_prompt
 from kltrain.divergences import get_divergence
@@ -46,6 +51,11 @@ class TrainingStopped(RuntimeError):
     """The run stopped itself (a guard fired); the message says at which step and why."""
 
 
+class _StepAbandoned(Exception):
+    """A stop signal arrived before the step's first optimiser update: the step is dropped and
+    the checkpoint records the state from before it."""
+
+
 @dataclass
 class StepResult:
     step: int
@@ -59,18 +69,51 @@ class TrainerState:
     step: int = 0
     consecutive_skips: int = 0
     skipped_steps: int = 0
+    wandb_run_id: str = field(default_factory=lambda: secrets.token_hex(4))
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "consecutive_skips": self.consecutive_skips,
+            "skipped_steps": self.skipped_steps,
+            "wandb_run_id": self.wandb_run_id,
+            "extra": self.extra,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        self.step = step
+        self.consecutive_skips = int(state["consecutive_skips"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.wandb_run_id = str(state["wandb_run_id"])
+        self.extra = dict(state.get("extra", {}))
 
 
 class Trainer:
-    """Build everything a config names, then ``fit()``."""
+    """Build everything a config names, then ``fit()``.
 
-    def __init__(self, cfg: RunConfig, accelerator: Accelerator | None = None):
+    ``resume`` (default ``trainer.resume``): ``"auto"`` or a checkpoint/run folder to continue;
+    ``allow_config_change`` lets a resume proceed although run-changing config fields differ."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        accelerator: Accelerator | None = None,
+        resume: str | None = None,
+        allow_config_change: bool = False,
+    ):
+        resume = resume or cfg.trainer.resume
+        resume_from = None
+        if resume:
+            run_dir, resume_from = checkpoint.find_resume(resume, cfg.trainer.output_dir)
+            cfg = cfg.model_copy(deep=True)
+            cfg.trainer.output_dir = str(run_dir)
         self.cfg = cfg
         self.accelerator = accelerator or _make_accelerator(cfg)
         acc = self.accelerator
         set_seed(cfg.seed, device_specific=True)  # per-process sampling seeds
         self.output_dir = _shared_output_dir(cfg, acc)
+        if not resume:
+            _refuse_existing_checkpoints(self.output_dir)
         self.regulariser = build_regulariser(cfg.kl)
         self.models: Models = load_models(cfg.model)
         self.models.policy.to(acc.device)
@@ -111,18 +154,32 @@ class Trainer:
         self.measured_divergences = list(logged.values())
         self.state = TrainerState()
         self.logger = RunLogger(cfg, self.output_dir, acc)
+        self.watcher = preemption.SignalWatcher()
+        self._saved_step: int | None = None
+        self._before_step: dict[str, Any] | None = None
+        self.resumed_from = resume_from
+        if resume_from is not None:
+            self._restore(resume_from, allow_config_change)
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         """Train for ``trainer.max_steps`` steps; returns the run summary."""
         cfg = self.cfg
-        self.logger.start(self.regulariser)
+        self.logger.start(
+            self.regulariser, first_step=self.state.step, run_id=self.state.wandb_run_id
+        )
         try:
-            while self.state.step < cfg.trainer.max_steps:
-                result = self.train_step()
-                self.logger.log_step(result)
-                if _due(cfg.trainer.save_every, self.state.step, cfg.trainer.max_steps):
-                    self.save_checkpoint()
+            with self.watcher:
+                while self.state.step < cfg.trainer.max_steps:
+                    try:
+                        result = self.train_step()
+                    except _StepAbandoned:
+                        self._stop_for_signal(self._before_step)
+                    self.logger.log_step(result)
+                    if _due(cfg.trainer.save_every, self.state.step, cfg.trainer.max_steps):
+                        self.save_checkpoint()
+                    if self.state.step < cfg.trainer.max_steps and self._stop_requested():
+                        self._stop_for_signal()  # (after the last step, finishing is quicker)
             self.save_final()
         finally:
             summary = self.logger.finish()
@@ -131,16 +188,20 @@ class Trainer:
     def train_step(self) -> StepResult:
         clock = _Clock()
         step = self.state.step + 1
+        self._before_step = self._capture()
         rollout = self.make_rollout(clock)
+        self._abandon_if_stopping()
         rewards, reward_metrics = self.score(rollout, step)
         clock.lap("time/score_seconds")
+        self._abandon_if_stopping()
+        trained = self._trained_per_sequence(rollout)
+        self._check_divergence_limit(step, trained)
         penalty = None
         if self.algorithm.uses_regulariser and self.regulariser.in_reward and self.coef.value > 0:
             penalty = self.coef.value * self.regulariser.reward_penalty(rollout.stats)
         batch = self.algorithm.prepare(rollout, rewards, penalty)
         update_metrics = self.optimise(batch, step)
         clock.lap("time/optimise_seconds")
-        trained = self._trained_per_sequence(rollout)
         metrics = {
             **reward_metrics,
             **self._divergence_metrics(rollout),
@@ -149,9 +210,8 @@ class Trainer:
             f"train/{self.regulariser.metric_name}": trained,
             "train/coef": self.coef.value,
         }
-        if not update_metrics.get("train/skipped", 0.0):
+        if update_metrics["train/applied"] and math.isfinite(trained):
             self.coef.update(trained, n_steps=self._global_count(rollout.num_sequences))
-        self._check_divergence_limit(step, trained)
         self.state.step = step
         metrics.update(clock.laps)
         metrics["time/step_seconds"] = clock.total()
@@ -254,8 +314,10 @@ class Trainer:
         for name, total in self.algorithm.pop_update_sums().items():
             out[name] = self._sum_across(total) / passes
         out["train/skipped"] = float(skipped)
+        out["train/skipped_total"] = float(self.state.skipped_steps)
+        out["train/applied"] = float(passes - skipped)
         out["train/lr"] = self.scheduler.get_last_lr()[0]
-        if skipped < passes:
+        if skipped < passes:  # the schedule (and β) advance only for a step that updated
             self.scheduler.step()
         return out
 
@@ -405,11 +467,17 @@ class Trainer:
     def _record_skip(self, step: int, quantity: str) -> None:
         self.state.consecutive_skips += 1
         self.state.skipped_steps += 1
-        limit = 3
+        limit = self.cfg.trainer.max_consecutive_skips
+        print(
+            f"kltrain: step {step}: non-finite {quantity}; optimiser update skipped "
+            f"({self.state.consecutive_skips} in a row, {self.state.skipped_steps} in all)",
+            flush=True,
+        )
         if self.state.consecutive_skips >= limit:
             raise TrainingStopped(
-                f"step {step}: non-finite {quantity} in {limit} consecutive optimiser steps; "
-                f"stopping (the last checkpoint in {self.output_dir / 'checkpoints'} is intact)"
+                f"step {step}: non-finite {quantity} in {limit} consecutive optimiser updates "
+                f"(trainer.max_consecutive_skips={limit}); stopping (the last checkpoint in "
+                f"{self.output_dir / 'checkpoints'} is intact)"
             )
 
     def _check_divergence_limit(self, step: int, value: float) -> None:
@@ -417,28 +485,121 @@ class Trainer:
         if limit is not None and value > limit:
             raise TrainingStopped(
                 f"step {step}: {self.regulariser.metric_name} per sequence is {value:.4g}, above "
-                f"kl.max={limit}; stopping"
+                f"kl.max={limit}; stopping before this step's update (the last checkpoint in "
+                f"{self.output_dir / 'checkpoints'} is intact)"
             )
 
     # ------------------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, captured: dict[str, Any] | None = None) -> Path | None:
+        """Checkpoint the current state, or ``captured`` (from :meth:`_capture`) with the current
+        weights and optimiser when a step was abandoned before updating them."""
+        captured = captured or self._capture()
+        rng = [captured["rng"]]
+        if self.accelerator.num_processes > 1:
+            rng = gather_object(rng)
         self.accelerator.wait_for_everyone()
+        self._saved_step = captured["step"]
         if not self.accelerator.is_main_process:
             return None
+        extra = {"gradient_followed": self.regulariser.gradient.key}
         return checkpoint.save(
             self.output_dir / "checkpoints",
-            step=self.state.step,
+            step=captured["step"],
             model=self.models.policy,
+            modules=self.algorithm.modules(),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            states={
+            states={**captured["states"], "world_size": self.accelerator.num_processes},
+            rng=rng,
+            config_text=to_yaml(self.cfg, extra),
+            keep_last=self.cfg.trainer.keep_last,
+        )
+
+    def _capture(self) -> dict[str, Any]:
+        """Everything but the weights and optimiser, as plain JSON-ready values; cheap enough to
+        take at the start of every step (so that a step can be abandoned)."""
+        return {
+            "step": self.state.step,
+            "states": {
+                "trainer": {
+                    **self.state.state_dict(),
+                    "minibatch_generator": checkpoint.encode_state(
+                        self.minibatch_generator.get_state()
+                    ),
+                },
                 "sampler": self.sampler.state_dict(),
                 "coef": self.coef.state_dict(),
                 "algorithm": self.algorithm.state_dict(),
                 "reward": self.reward_fn.state_dict(),
             },
-            keep_last=self.cfg.trainer.keep_last,
+            "rng": checkpoint.capture_rng(),
+        }
+
+    def _restore(self, path: Path, allow_config_change: bool) -> None:
+        """Load a complete checkpoint over the freshly built trainer."""
+        state = checkpoint.load_state(path)
+        self._check_config(path, state, allow_config_change)
+        checkpoint.load_model(path, self.models.policy)
+        checkpoint.load_modules(path, self.algorithm.modules())
+        self.optimizer.load_state_dict(checkpoint.load_tensors(path / "optimizer.pt"))
+        self.scheduler.load_state_dict(checkpoint.load_tensors(path / "scheduler.pt"))
+        self.sampler.load_state_dict(state["sampler"])
+        self.coef.load_state_dict(state["coef"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.reward_fn.load_state_dict(state["reward"])
+        trainer_state = state["trainer"]
+        self.state.load_state_dict(trainer_state, step=int(state["step"]))
+        self.minibatch_generator.set_state(
+            checkpoint.decode_state(trainer_state["minibatch_generator"])
         )
+        records = checkpoint.load_rng(path)
+        if self.accelerator.process_index < len(records):
+            checkpoint.restore_rng(records[self.accelerator.process_index])
+        self._saved_step = self.state.step
+        if self.accelerator.is_main_process:
+            print(f"kltrain: resumed from {path} (step {self.state.step})", flush=True)
+
+    def _check_config(self, path: Path, state: dict[str, Any], allow: bool) -> None:
+        saved = checkpoint.load_config_dict(path) or {}
+        changes = checkpoint.config_changes(saved, self.cfg.model_dump(mode="json"))
+        world = state.get("world_size", 1)
+        if world != self.accelerator.num_processes:
+            changes.append(f"processes: {world} → {self.accelerator.num_processes}")
+        if not changes:
+            return
+        listing = "\n  ".join(changes)
+        if not allow:
+            raise checkpoint.CheckpointError(
+                f"resuming {path} with a config that changes the run:\n  {listing}\n"
+                f"restore these values, or pass --allow-config-change to continue anyway "
+                f"(the result is then not the run the checkpoint started)"
+            )
+        if self.accelerator.is_main_process:
+            print(f"kltrain: resuming with config changes (allowed):\n  {listing}", flush=True)
+
+    # ------------------------------------------------------------------------------------------
+    # Preemption
+    def _stop_requested(self) -> bool:
+        """Whether any process received a stop signal (all processes agree on the answer)."""
+        flag = 1.0 if self.watcher.requested else 0.0
+        if self.accelerator.num_processes > 1:
+            flag = self._sum_across(flag)
+        return flag > 0
+
+    def _abandon_if_stopping(self) -> None:
+        if self._stop_requested():
+            raise _StepAbandoned
+
+    def _stop_for_signal(self, captured: dict[str, Any] | None = None) -> None:
+        """Write a complete checkpoint (unless this step's already exists), requeue under SLURM
+        after SIGUSR1, and raise :class:`preemption.Preempted`."""
+        step = captured["step"] if captured else self.state.step
+        if self._saved_step != step:
+            self.save_checkpoint(captured)
+        signum = self.watcher.signum or preemption.signal.SIGTERM
+        requeued = preemption.requeue(signum) if self.accelerator.is_main_process else None
+        where = self.output_dir / "checkpoints" / f"{checkpoint.PREFIX}{step:08d}"
+        raise preemption.Preempted(signum, step, str(where), requeued)
 
     def save_final(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -468,6 +629,17 @@ class _Clock:
 
 def _due(every: int, step: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
+
+
+def _refuse_existing_checkpoints(output_dir: Path) -> None:
+    """A fresh start must not mix its files and checkpoints with an earlier run's."""
+    found = checkpoint.latest(output_dir / "checkpoints")
+    if found is not None:
+        raise ConfigError(
+            f"trainer.output_dir={output_dir} already holds checkpoints of a run (newest: "
+            f"{found.name}); pass --resume (trainer.resume=auto) to continue it, or choose "
+            f"another trainer.output_dir"
+        )
 
 
 def _make_accelerator(cfg: RunConfig) -> Accelerator:

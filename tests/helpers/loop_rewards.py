@@ -17,3 +17,8 @@ def letter_e_count(prompts, completions, **kwargs):
     """A reward tiny random models can move and that rarely ties within a group: the number of
     'e's plus a tenth of the completion's length in characters."""
     return [c.count("e") + 0.1 * len(c) for c in completions]
+
+
+def none_for_second_sample(prompts, completions, **kwargs):
+    """Like letter_e_count, but the second sample of every batch has no score (None)."""
+    return [None if i == 1 else c.count("e") + 0.1 * len(c) for i, c in enumerate(completions)]

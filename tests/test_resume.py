@@ -1,0 +1,287 @@
+"""Resume and preemption: runs killed (SIGKILL) or stopped (SIGTERM/SIGUSR1) at chosen points and
+resumed end bit for bit where an uninterrupted run ends.
+
+"Bit for bit": the final weights, the optimiser moments and scheduler, β, the reward whitening
+statistics, the sampler position, every process RNG state (all `torch.equal` / exact JSON
+equality), and every step's metrics and samples (exact JSON equality) are those of the
+uninterrupted run. Two things are excluded and only these: the wall-clock ``time/*`` metrics and
+the W&B run id (a random id drawn per fresh run, kept across its resumes).
+
+The runs are child processes calling the CLI (``tests/helpers/resume_runs.py``); the prompt set
+has 18 prompts at 2 per step, so an epoch is 9 steps: checkpoints at 3 and 6 are mid-epoch and 9
+is an exact epoch boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kltrain import checkpoint
+from kltrain.checkpoint import CheckpointError
+from kltrain.config import load_config
+from kltrain.preemption import EXIT_PREEMPTED
+from kltrain.trainer import Trainer
+from tests.helpers.resume_runs import REPO, Zygote, write_config
+from tests.helpers.tiny import make_tiny_model_dir
+
+#: What test_resume asserts about the time from a stop signal to the process exit on the tiny
+#: model (the documented bound is one step phase plus one checkpoint save; here both are < 1 s).
+STOP_SECONDS = 20.0
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    model = str(make_tiny_model_dir(root / "model"))
+    prompts = root / "prompts.jsonl"
+    lines = [json.dumps({"prompt": f"Review {i} of the film:"}) for i in range(18)]
+    prompts.write_text("\n".join(lines) + "\n")
+    zygote = Zygote()
+    yield {"root": root, "model": model, "prompts": prompts, "zygote": zygote}
+    zygote.close()
+
+
+def fit(env, name: str, kill=None, resume: bool = False, extra=(), **sections):
+    out = env["root"] / name
+    cfg = write_config(env["root"] / f"{name}.yaml", env["model"], env["prompts"], out, **sections)
+    argv = ["fit", str(cfg), *extra] + (["--resume"] if resume else [])
+    reply = env["zygote"].run(argv, kill, log=env["root"] / f"{name}.log")
+    return out, reply
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    out, reply = fit(env, "reference")
+    assert reply == {"rc": 0, "signal": None}, (env["root"] / "reference.log").read_text()
+    return out
+
+
+def test_sigkill_inside_a_step_a_save_and_after_a_save_resumes_bit_exact(env, reference):
+    """Three SIGKILLs (keep_last 1): inside step 5, inside the save of step 9, just after the
+    save of step 9. Resumes from 3 and 6 (both in epoch 0) and from 9 (an epoch boundary)."""
+    kills = [("step", 5, 3), ("save", 9, 6), ("after_save", 9, 9)]
+    run = None
+    for i, (at, step, expected_latest) in enumerate(kills):
+        run, reply = fit(env, "killed", {"at": at, "step": step}, resume=i > 0)
+        assert reply == {"rc": None, "signal": signal.SIGKILL}
+        latest = checkpoint.latest(run / "checkpoints")
+        assert latest is not None and latest.name == f"step-{expected_latest:08d}"
+        if at == "save":  # torn: the temporary folder without its marker, ignored
+            torn = list((run / "checkpoints").glob(".tmp-step-00000009-*"))
+            assert torn and not (torn[0] / checkpoint.MARKER).exists()
+    sampler = checkpoint.load_state(run / "checkpoints" / "step-00000009")["sampler"]
+    assert (sampler["epoch"], sampler["position"]) == (1, 0)  # an exact epoch boundary
+    run, reply = fit(env, "killed", resume=True)
+    assert reply == {"rc": 0, "signal": None}, (env["root"] / "killed.log").read_text()
+    assert_same_run(reference, run)
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the torn one was cleared
+    assert prompt_uses(run) == prompt_uses(reference)
+    uses = prompt_uses(run)  # 12 steps × 2 prompts × 2 samples over 18 prompts, 1⅓ epochs
+    assert len(uses) == 18 and sum(uses.values()) == 48 and set(uses.values()) == {2, 4}
+
+
+def test_resume_bit_exact_with_gradient_accumulation(env):
+    """micro_batch_size 1: each optimiser update accumulates two micro-batches."""
+    trainer = {"micro_batch_size": 1}
+    ref, reply = fit(env, "accum_ref", trainer=trainer)
+    assert reply["rc"] == 0
+    run, reply = fit(env, "accum", {"at": "step", "step": 8}, trainer=trainer)
+    assert reply["signal"] == signal.SIGKILL
+    run, reply = fit(env, "accum", resume=True, trainer=trainer)
+    assert reply["rc"] == 0
+    assert_same_run(ref, run)
+
+
+def test_resume_bit_exact_with_lora(env):
+    """LoRA with dropout (so the restored RNG also drives the adapter's dropout masks)."""
+    model = {"policy": env["model"], "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}
+    ref, reply = fit(env, "lora_ref", model=model)
+    assert reply["rc"] == 0, (env["root"] / "lora_ref.log").read_text()
+    assert (ref / "checkpoints" / "step-00000012" / "model" / "adapter_model.safetensors").exists()
+    run, reply = fit(env, "lora", {"at": "save", "step": 6}, model=model)
+    assert reply["signal"] == signal.SIGKILL
+    run, reply = fit(env, "lora", resume=True, model=model)
+    assert reply["rc"] == 0
+    assert_same_run(ref, run)
+
+
+def test_sigterm_abandons_or_finishes_the_step_checkpoints_and_exits_75(env, reference):
+    """SIGTERM after step 5's rollout abandons step 5 (checkpoint of step 4); SIGTERM inside
+    step 8's update finishes it (checkpoint of step 8). Both exit 75 promptly; resuming from
+    them is bit-exact."""
+    stamp = env["root"] / "sigterm.stamp"
+    for at, step, saved in (("sigterm_rollout", 5, 4), ("sigterm_update", 8, 8)):
+        kill = {"at": at, "step": step, "stamp": str(stamp)}
+        run, reply = fit(env, "sigterm", kill, resume=step > 5)
+        elapsed = time.time() - float(stamp.read_text())
+        assert reply == {"rc": EXIT_PREEMPTED, "signal": None}
+        assert elapsed < STOP_SECONDS
+        assert checkpoint.latest(run / "checkpoints").name == f"step-{saved:08d}"
+        log = (env["root"] / "sigterm.log").read_text()
+        assert f"checkpoint of step {saved} written" in log
+    run, reply = fit(env, "sigterm", resume=True)
+    assert reply["rc"] == 0
+    assert_same_run(reference, run)
+
+
+def test_sigusr1_then_sigterm_under_slurm_saves_once_and_requeues_the_array_task(env, tmp_path):
+    """The real CLI (`python -m kltrain fit`), signalled from outside, with a fake scontrol."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    cfg = write_config(
+        tmp_path / "c.yaml", env["model"], env["prompts"], tmp_path / "run",
+        trainer={"max_steps": 100000, "save_every": 0},
+    )  # fmt: skip
+    proc_env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+        "SLURM_JOB_ID": "1001",
+        "SLURM_ARRAY_JOB_ID": "1000",
+        "SLURM_ARRAY_TASK_ID": "3",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kltrain", "fit", str(cfg)],
+        env=proc_env,
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    sent = time.time()
+    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signal.SIGTERM)  # a second signal (a repeated one could merge with the first)
+    rc = proc.wait(timeout=60)
+    elapsed = time.time() - sent
+    stderr = proc.stderr.read()
+    assert rc == EXIT_PREEMPTED, stderr
+    assert elapsed < STOP_SECONDS
+    assert "already stopping" in stderr and "requeued SLURM job 1000_3" in stderr
+    assert calls.read_text().split("\n")[0] == "requeue 1000_3"
+    found = checkpoint.list_complete(tmp_path / "run" / "checkpoints")
+    assert len(found) == 1  # one save for two signals
+    assert checkpoint.load_state(found[0])["step"] >= 2
+
+
+def test_changed_config_lists_the_differences_and_allow_config_change_proceeds(env, reference):
+    run = env["root"] / "changed"
+    shutil.copytree(reference, run)
+    cfg_path = write_config(env["root"] / "changed.yaml", env["model"], env["prompts"], run)
+    overrides = ["kl.coef=0.2", "trainer.prompts_per_step=4", "trainer.keep_last=3"]
+    cfg = load_config(cfg_path, overrides)
+    with pytest.raises(CheckpointError) as err:
+        Trainer(cfg, resume="auto")
+    message = str(err.value)
+    assert "kl.coef: 0.1 → 0.2" in message and "trainer.prompts_per_step: 2 → 4" in message
+    assert "keep_last" not in message  # does not change what the run computes
+    assert "--allow-config-change" in message
+    cfg = load_config(cfg_path, ["trainer.max_steps=13", "kl.coef=0.2"])
+    trainer = Trainer(cfg, resume="auto", allow_config_change=True)
+    assert trainer.state.step == 12
+    trainer.fit()
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == list(range(1, 14))
+
+
+def test_fresh_start_into_a_run_folder_with_checkpoints_is_refused(env, reference):
+    cfg = load_config(
+        write_config(env["root"] / "again.yaml", env["model"], env["prompts"], reference)
+    )
+    with pytest.raises(Exception, match=r"already holds checkpoints.*--resume"):
+        Trainer(cfg)
+
+
+def test_a_pickle_with_code_placed_as_a_checkpoint_is_refused(env, reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    pwned = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {pwned}",))
+
+    target = run / "checkpoints" / "step-00000012" / "optimizer.pt"
+    target.write_bytes(pickle.dumps({"state": Payload()}, protocol=2))
+    cfg = load_config(write_config(tmp_path / "c.yaml", env["model"], env["prompts"], run))
+    with pytest.raises(CheckpointError, match=r"optimizer.pt: refused to load"):
+        Trainer(cfg, resume="auto")
+    assert not pwned.exists()
+
+
+def test_resume_path_to_a_torn_checkpoint_is_an_error_naming_it(env, reference, tmp_path):
+    torn = tmp_path / "checkpoints" / "step-00000003"
+    shutil.copytree(reference / "checkpoints" / "step-00000012", torn)
+    (torn / checkpoint.MARKER).unlink()
+    with pytest.raises(CheckpointError, match=r"not a complete checkpoint"):
+        checkpoint.find_resume(str(torn), None)
+    with pytest.raises(CheckpointError, match=r"needs trainer.output_dir"):
+        checkpoint.find_resume("auto", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparing two runs
+
+
+def assert_same_run(ref: Path, run: Path) -> None:
+    assert metrics(run) == metrics(ref)
+    assert (run / "samples.jsonl").read_text() == (ref / "samples.jsonl").read_text()
+    a, b = ref / "checkpoints" / "step-00000012", run / "checkpoints" / "step-00000012"
+    for sub in ("model", "final"):
+        folder_a = a / "model" if sub == "model" else ref / "final"
+        folder_b = b / "model" if sub == "model" else run / "final"
+        for file in folder_a.glob("*.safetensors"):
+            ta, tb = load_file(str(file)), load_file(str(folder_b / file.name))
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    for name in ("optimizer.pt", "scheduler.pt"):
+        assert_equal_nested(checkpoint.load_tensors(a / name), checkpoint.load_tensors(b / name))
+    sa, sb = checkpoint.load_state(a), checkpoint.load_state(b)
+    assert sa["trainer"].pop("wandb_run_id") and sb["trainer"].pop("wandb_run_id")
+    assert sa == sb  # β, whitening statistics, sampler, skip counters, minibatch generator
+    assert checkpoint.load_rng(a) == checkpoint.load_rng(b)
+
+
+def assert_equal_nested(a, b) -> None:
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_equal_nested(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_equal_nested(x, y)
+    else:
+        assert a == b
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+
+def prompt_uses(run: Path) -> Counter:
+    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    return Counter(row["prompt"] for row in rows)
