@@ -1,9 +1,8 @@
 """``kltrain fit|validate|divergences``: parse, validate, launch. No training logic here.
 
 Exit codes of ``fit``: 0 done; 2 bad input — config, data, model, reward or checkpoint (the
-message names it); 3 a guard
-stopped the run (non-finite updates, ``kl.max``); 75 stopped on SIGTERM/SIGUSR1 after writing a
-complete checkpoint (rerun with ``--resume``).
+message names it); 3 a guard stopped the run (non-finite updates, ``kl.max``); 75 stopped on
+SIGTERM/SIGUSR1 after writing a complete checkpoint (rerun with ``--resume``).
 """
 
 from __future__ import annotations
