@@ -36,33 +36,81 @@ def _groups(rewards: Tensor, group_size: int) -> Tensor:
     return rewards.detach().view(-1, group_size)
 
 
-def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+def _valid_groups(valid: Tensor | None, g: Tensor) -> Tensor:
+    """`[P*k]` bool (or None: all valid) → `[P, k]` float weights."""
+    if valid is None:
+        return torch.ones_like(g)
+    if valid.shape != (g.numel(),):
+        raise ValueError(f"valid must be [P*k]={g.numel()}, got {tuple(valid.shape)}")
+    return valid.detach().to(g.dtype).view_as(g)
+
+
+def rloo_baseline(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+    """Leave-one-out baseline `b_i = mean_{j≠i, j valid} r_j` over the sample's group.
+
+    rewards `[P*k]` (groups contiguous), valid `[P*k]` bool (None: all valid) → `[P*k]`. A sample
+    with no other valid sample in its group gets `b_i = r_i` (advantage 0); invalid samples
+    (`reward.on_invalid: skip`) never enter another sample's baseline.
+    """
+    g = _groups(rewards, group_size)
+    v = _valid_groups(valid, g)
+    others_sum = (g * v).sum(dim=1, keepdim=True) - g * v
+    others_n = v.sum(dim=1, keepdim=True) - v
+    baseline = torch.where(others_n > 0, others_sum / others_n.clamp(min=1), g)
+    return baseline.reshape(-1)
+
+
+def rloo_advantages(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
     """Leave-one-out advantages `A_i = r_i − mean_{j≠i} r_j = (k·r_i − Σ_j r_j)/(k − 1)`.
 
     rewards `[P*k]` (groups contiguous) → `[P*k]`. Each sample's baseline excludes itself,
-    so it is independent of the sample and the policy gradient stays unbiased.
+    so it is independent of the sample and the policy gradient stays unbiased. With `valid`,
+    only valid samples form baselines and invalid ones get 0 (see `rloo_baseline`).
+    """
+    g = rewards.detach()
+    adv = g - rloo_baseline(g, group_size, valid)
+    return adv if valid is None else adv * valid.to(adv.dtype)
+
+
+def group_mean_std(
+    rewards: Tensor, group_size: int, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Each sample's group mean and unbiased (Bessel) std over the group's valid samples.
+
+    rewards, valid `[P*k]` → (mean `[P*k]`, std `[P*k]`); std is 0 for a group with fewer than
+    two valid samples.
     """
     g = _groups(rewards, group_size)
+    v = _valid_groups(valid, g)
+    n = v.sum(dim=1, keepdim=True)
+    mean = (g * v).sum(dim=1, keepdim=True) / n.clamp(min=1)
+    var = (((g - mean) ** 2) * v).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)
+    std = torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
     k = group_size
-    baseline = (g.sum(dim=1, keepdim=True) - g) / (k - 1)
-    return (g - baseline).reshape(-1)
+    return mean.expand(-1, k).reshape(-1), std.expand(-1, k).reshape(-1)
 
 
 def grpo_advantages(
-    rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
+    rewards: Tensor,
+    group_size: int,
+    scale: bool = True,
+    eps: float = 1e-4,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Group-normalised advantages `A_i = (r_i − mean_g r) / (std_g r + eps)` (or `r_i − mean_g r`
     when `scale` is False, Dr. GRPO).
 
     rewards `[P*k]` (groups contiguous) → `[P*k]`. `std_g` is the unbiased (Bessel, `k−1`)
     standard deviation, as `torch.std` and TRL's `GRPOTrainer`; `eps` is added to the std, not
-    the variance, also as TRL. A group of equal rewards gives advantages of exactly 0.
+    the variance, also as TRL. A group of equal rewards gives advantages of exactly 0. With
+    `valid`, the group statistics use only valid samples and invalid ones get 0.
     """
-    g = _groups(rewards, group_size)
-    centred = g - g.mean(dim=1, keepdim=True)
+    g = rewards.detach()
+    mean, std = group_mean_std(g, group_size, valid)
+    centred = g - mean
     if scale:
-        centred = centred / (g.std(dim=1, unbiased=True, keepdim=True) + eps)
-    return centred.reshape(-1)
+        centred = centred / (std + eps)
+    return centred if valid is None else centred * valid.to(centred.dtype)
 
 
 def _check_tokens(x: Tensor, mask: Tensor, name: str) -> Tensor:

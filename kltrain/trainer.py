@@ -273,9 +273,9 @@ class Trainer:
         return rollout
 
     def score(self, rollout: Rollout, step: int) -> tuple[Tensor, dict[str, float]]:
-        """Sequence rewards [B]. Invalid samples (``reward.on_invalid: skip``) are removed from
-        the loss (their completion mask is cleared) and take the mean valid reward so that they
-        do not move their group's baseline."""
+        """Sequence rewards [B]. Invalid samples (``reward.on_invalid: skip``) get their
+        completion mask cleared: the algorithms then leave them out of the loss and out of every
+        baseline, and the reward metrics average the valid samples only."""
         columns = {
             name: [self.dataset[i][name] for i in rollout.prompt_indices]
             for name in self.dataset.column_names
@@ -284,17 +284,18 @@ class Trainer:
         result = self.reward_fn(rollout.prompts, rollout.completions, step=step, columns=columns)
         rewards = result.total.to(self.accelerator.device, torch.float32)
         invalid = result.invalid.to(rewards.device)
-        if invalid.any():
-            valid_mean = rewards[~invalid].mean() if (~invalid).any() else rewards.new_zeros(())
-            rewards = torch.where(invalid, valid_mean, rewards)
-            rollout.completion_mask[invalid] = False
+        rewards = torch.where(invalid, torch.zeros_like(rewards), rewards)
+        rollout.completion_mask[invalid] = False
         metrics = {
-            "reward/mean": self._mean(rewards),
-            "reward/std": self._std(rewards),
+            "reward/mean": self._mean(rewards[~invalid]),
+            "reward/std": self._std(rewards[~invalid]),
             "reward/invalid": self._global_count(int(invalid.sum())),
         }
-        for name, values in result.per_term.items():
-            metrics[f"reward/{name}"] = self._mean(values.to(rewards.device, torch.float32))
+        valid = ~invalid
+        for name, values in result.per_term.items():  # after transforms, before weights
+            metrics[f"reward/{name}"] = self._mean(values.to(rewards.device)[valid].float())
+        for name, values in result.raw.items():  # before transforms (e.g. before whitening)
+            metrics[f"reward/raw/{name}"] = self._mean(values.to(rewards.device)[valid].float())
         return rewards, metrics
 
     # ------------------------------------------------------------------------------------------

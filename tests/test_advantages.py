@@ -13,6 +13,7 @@ from kltrain.advantages import (
     RunningMoments,
     assemble_token_rewards,
     gae,
+    group_mean_std,
     grpo_advantages,
     reward_to_go,
     rloo_advantages,
@@ -259,3 +260,28 @@ def test_running_moments_empty_batch_is_noop():
     rm = RunningMoments()
     mean, std = rm.update(torch.ones(3), torch.zeros(3, dtype=torch.bool))
     assert math.isnan(mean) and math.isnan(std) and rm.count == 0 and rm.std == 0.0
+
+
+def test_invalid_samples_leave_every_baseline():
+    """`reward.on_invalid: skip` clears a sample: it gets advantage 0 and is in no baseline."""
+    r = torch.tensor([1.0, 2.0, 100.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    valid = torch.tensor([True, True, False, True, True, True, True, False])
+    # group 1: valid 1, 2, 4 → b = mean of the other two valid
+    rloo = rloo_advantages(r, 4, valid)
+    assert rloo.tolist()[:4] == [1 - 3.0, 2 - 2.5, 0.0, 4 - 1.5]
+    # group 2: valid 5, 6, 7
+    assert rloo.tolist()[4:] == [5 - 6.5, 6 - 6.0, 7 - 5.5, 0.0]
+    grpo = grpo_advantages(r, 4, valid=valid)
+    g1 = torch.tensor([1.0, 2.0, 4.0])
+    expected = (g1 - g1.mean()) / (g1.std(unbiased=True) + 1e-4)
+    torch.testing.assert_close(grpo[[0, 1, 3]], expected, rtol=0, atol=1e-6)
+    assert grpo[2] == 0 and grpo[7] == 0
+
+
+def test_a_lone_valid_sample_has_no_baseline_and_zero_advantage():
+    r = torch.tensor([3.0, 9.0])
+    valid = torch.tensor([True, False])
+    assert rloo_advantages(r, 2, valid).tolist() == [0.0, 0.0]
+    assert grpo_advantages(r, 2, valid=valid).tolist() == [0.0, 0.0]
+    mean, std = group_mean_std(r, 2, valid)
+    assert mean.tolist() == [3.0, 3.0] and std.tolist() == [0.0, 0.0]

@@ -126,3 +126,22 @@ def test_grpo_moves_toward_the_reward_and_stays_regularised():
     p_ref = torch.softmax(ref_logits, 0)
     assert float(pi @ reward) > float(p_ref @ reward) + 0.1
     assert float(pi.max()) < 0.99
+
+
+def test_invalid_sample_moves_no_baseline():
+    """A sample the loop marked invalid (mask cleared) changes nobody's advantage."""
+    cfg = config_from_dict({"algorithm": {"name": "rloo", "num_generations": 3}})
+    algo = make_algorithm(cfg)
+    tokens = torch.tensor([0, 1, 2, 3, 4, 5])
+    rollout = _bandit_rollout(tokens, 3)
+    rewards = torch.tensor([1.0, 2.0, 0.0, 3.0, 5.0, 7.0])
+    clean = algo.prepare(rollout, rewards, None).advantages.view(-1)
+    rollout.completion_mask[2] = False  # the loop's mark for reward.on_invalid: skip
+    for filler in (0.0, 1e6):  # whatever the invalid sample's reward slot holds
+        adv = algo.prepare(
+            rollout, rewards.index_put((torch.tensor([2]),), torch.tensor(filler)), None
+        )
+        adv = adv.advantages.view(-1)
+        assert adv[2] == 0
+        assert adv[:2].tolist() == [1.0 - 2.0, 2.0 - 1.0]  # baseline: the other valid sample
+        assert torch.equal(adv[3:], clean[3:])

@@ -89,8 +89,11 @@ class GroupBaselineAlgorithm(Algorithm):
     """
 
     @abstractmethod
-    def baseline_and_scale(self, totals: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
-        """[B] sequence totals, contiguous groups of ``group_size`` → (baseline [B], scale [B])."""
+    def baseline_and_scale(
+        self, totals: Tensor, group_size: int, valid: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """[B] sequence totals in contiguous groups of ``group_size``, [B] bool valid samples →
+        (baseline [B], scale [B]); invalid samples must not enter any baseline."""
 
     def prepare(self, rollout: Rollout, rewards: Tensor, penalty: Tensor | None) -> TrainBatch:
         mask = rollout.completion_mask
@@ -98,11 +101,12 @@ class GroupBaselineAlgorithm(Algorithm):
             penalty = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
         penalty = penalty * mask
         totals = rewards - penalty.sum(dim=1)
-        baseline, scale = self.baseline_and_scale(totals, self.cfg.algorithm.num_generations)
+        valid = mask.any(dim=1)  # the loop clears the mask of samples whose reward is invalid
+        baseline, scale = self.baseline_and_scale(totals, self.cfg.algorithm.num_generations, valid)
         earlier = torch.cumsum(penalty, dim=1) - penalty  # Σ_{t'<t} β·d_t'
         advantages = ((totals - baseline) / scale).unsqueeze(1) + earlier / scale.unsqueeze(1)
         advantages = advantages * mask
-        seq_adv = (totals - baseline) / scale
+        seq_adv = ((totals - baseline) / scale)[valid]
         return TrainBatch(
             rollout,
             advantages,

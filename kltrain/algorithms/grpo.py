@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kltrain.advantages import grpo_advantages
+from kltrain.advantages import group_mean_std
 from kltrain.algorithms.base import GroupBaselineAlgorithm
 
 STD_EPS = 1e-4  # added to the group std, as grpo_advantages and TRL do
@@ -14,10 +14,12 @@ STD_EPS = 1e-4  # added to the group std, as grpo_advantages and TRL do
 class Grpo(GroupBaselineAlgorithm):
     name = "grpo"
 
-    def baseline_and_scale(self, totals: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
-        """b = group mean; s = unbiased group std + ε (1 when ``scale_rewards`` is off)."""
-        baseline = totals - grpo_advantages(totals, group_size, scale=False)
+    def baseline_and_scale(
+        self, totals: Tensor, group_size: int, valid: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """b = group mean; s = unbiased group std + ε (1 when ``scale_rewards`` is off), both
+        over the group's valid samples."""
+        mean, std = group_mean_std(totals, group_size, valid)
         if not self.cfg.algorithm.scale_rewards:
-            return baseline, torch.ones_like(totals)
-        std = totals.view(-1, group_size).std(dim=1, unbiased=True)
-        return baseline, (std + STD_EPS).repeat_interleave(group_size)
+            return mean, torch.ones_like(totals)
+        return mean, std + STD_EPS

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kltrain.advantages import rloo_advantages
+from kltrain.advantages import rloo_baseline
 from kltrain.algorithms.base import GroupBaselineAlgorithm
 
 
 class Rloo(GroupBaselineAlgorithm):
     name = "rloo"
 
-    def baseline_and_scale(self, totals: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
-        baseline = totals - rloo_advantages(totals, group_size)  # mean of the others
-        return baseline, torch.ones_like(totals)
+    def baseline_and_scale(
+        self, totals: Tensor, group_size: int, valid: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return rloo_baseline(totals, group_size, valid), torch.ones_like(totals)
