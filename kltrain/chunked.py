@@ -12,6 +12,12 @@ cross-entropy does), so peak memory beyond the hidden states grows with the chun
 where a = ∂loss/∂logprob and b = ∂loss/∂D per row come from a tiny autograd.grad of ``loss_fn``
 on ``[c]`` leaves. Then grad_h = G @ W and grad_W += Gᵀ h: four lm_head matmuls in all (policy
 forward, reference forward, two for the policy's backward).
+
+On CUDA (fp32 accumulation, built-in divergence or none) the per-chunk elementwise work between
+the GEMMs runs as two fused Triton kernels (:mod:`kltrain.chunked_cuda`): row statistics (lse of
+both models, log π(token), D, and Σ π s) before ``loss_fn``, then G written over the policy's
+logits (or directly in bf16/fp16 for a native half head). Elsewhere (CPU, float64, user f, or
+``KLTRAIN_FUSED_CUDA=0``) the torch ops below run, unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kltrain import chunked_cuda
 from kltrain.divergences import Divergence, as_divergence
 
 
@@ -143,6 +150,11 @@ def _row_grads(loss_fn, rows: slice, logprobs: Tensor, d: Tensor | None):
     return loss.detach(), grads[0], (grads[1] if dv is not None else None)
 
 
+def _fused_ops(device: torch.device, acc: torch.dtype, div: Divergence | None):
+    """Fused kernels for the per-chunk elementwise work (CUDA, built-in divergences), or None."""
+    return chunked_cuda.chunk_ops(device, acc, div)
+
+
 class _FusedTokenLoss(torch.autograd.Function):
     """Forward does the whole chunk loop and stores the input grads; backward scales them."""
 
@@ -156,48 +168,73 @@ class _FusedTokenLoss(torch.autograd.Function):
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        need_any = need_h or need_w or need_b
+        fast = _fused_ops(hidden.device, acc, div)
         # [chunk, V] buffers reused by every chunk: scratch, and the policy's and reference's
         # log-probs (which the divergence's in-place update turns into π and ∂D/∂z). A native
         # half-precision head returns fresh logits instead (CUDA's caching allocator reuses them).
-        owners = [None] + [h for h in (head, ref) if h is not None and not h.native]
+        # The fused (CUDA) ops need no scratch and write G over the policy's logits.
+        ref_used = ref if div is not None else None
+        owners = [] if fast is not None else [None]
+        owners += [h for h in (head, ref_used) if h is not None and not h.native]
         rows0 = min(chunk_size, n)
         bufs = torch.empty((len(owners), rows0, weight.shape[0]), dtype=acc, device=hidden.device)
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
             c = rows.stop - rows.start
-            scratch = bufs[0, :c]
             buf_p, buf_q = (
-                bufs[owners.index(h), :c] if h in owners[1:] else None for h in (head, ref)
+                bufs[owners.index(h), :c] if h is not None and h in owners else None
+                for h in (head, ref)
             )
-            tok = tokens[rows].unsqueeze(1)
-            logp = _log_softmax_(head.logits(rows, buf_p), scratch)
-            lp_tok = logp.gather(1, tok).squeeze(1)
-            d = dgrad = p = None
-            if div is not None:
-                logq = _log_softmax_(ref.logits(rows, buf_q), scratch)
-                d, dgrad, p = div.value_and_logit_grad_(logp, logq, scratch)
-                del logq
-            elif need_h or need_w or need_b:
-                p = logp.exp_()
-            del logp
-            loss, a, b = _row_grads(loss_fn, rows, lp_tok, d)
-            total += loss
-            if not (need_h or need_w or need_b):
-                continue
-            # G = b·∂D/∂z − a·π + a·onehot(y), built in place in dgrad (or in π when no D).
-            a = a.unsqueeze(1).to(acc)
-            if dgrad is None:
-                g = p.mul_(-a)
+            if fast is not None:
+                z = head.logits(rows, buf_p)
+                zq = None if ref_used is None else ref_used.logits(rows, buf_q)
+                lp_tok, d, aux = fast.stats(z, zq, tokens[rows], div)
+                loss, a, b = _row_grads(loss_fn, rows, lp_tok, d)
+                total += loss
+                if not need_any:
+                    continue
+                # G over z (fp32), or straight in the half dtype the backward GEMMs round it to
+                # (not when the bias grad needs its fp32 column sums).
+                out = z
+                if head.native and not need_b:
+                    out = torch.empty(z.shape, dtype=head.w.dtype, device=z.device)
+                g = fast.grad(
+                    z, zq, tokens[rows], aux, a.to(acc), None if b is None else b.to(acc), out, div
+                )
+                del z, zq
             else:
-                g = dgrad.mul_(b.unsqueeze(1).to(acc)).addcmul_(p, a, value=-1.0)
-            g.scatter_add_(1, tok, a)
+                scratch = bufs[0, :c]
+                tok = tokens[rows].unsqueeze(1)
+                logp = _log_softmax_(head.logits(rows, buf_p), scratch)
+                lp_tok = logp.gather(1, tok).squeeze(1)
+                d = dgrad = p = None
+                if div is not None:
+                    logq = _log_softmax_(ref.logits(rows, buf_q), scratch)
+                    d, dgrad, p = div.value_and_logit_grad_(logp, logq, scratch)
+                    del logq
+                elif need_any:
+                    p = logp.exp_()
+                del logp
+                loss, a, b = _row_grads(loss_fn, rows, lp_tok, d)
+                total += loss
+                if not need_any:
+                    continue
+                # G = b·∂D/∂z − a·π + a·onehot(y), built in place in dgrad (or in π when no D).
+                a = a.unsqueeze(1).to(acc)
+                if dgrad is None:
+                    g = p.mul_(-a)
+                else:
+                    g = dgrad.mul_(b.unsqueeze(1).to(acc)).addcmul_(p, a, value=-1.0)
+                g.scatter_add_(1, tok, a)
+                del p, dgrad
             if need_h:
                 grad_h[rows] = head.mm(g, head.w, out=grad_h[rows])
             if need_w:
                 head.add_weight_grad(grad_w, g, rows)
             if need_b:
                 grad_b.add_(g.sum(0))
-            del g, p, dgrad
+            del g
         ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
         ctx.grad_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.present = (grad_h is not None, grad_w is not None, grad_b is not None)

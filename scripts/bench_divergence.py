@@ -18,6 +18,7 @@ note) where its estimated [N, V] buffers would not fit.
 
     python scripts/bench_divergence.py --quick
     python scripts/bench_divergence.py --device cuda --dtype bfloat16
+    python scripts/bench_divergence.py --device cuda --dtype bfloat16 --no-fused  # torch ops
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def bench_one(n, v, args):
         "device": args.device_name, "dtype": args.dtype, "tokens": n, "vocab": v,
         "hidden": args.hidden, "chunk_size": args.chunk_size, "divergence": args.divergence,
         "mem_method": args.mem_method,
+        "fused_cuda": args.device.startswith("cuda") and not args.no_fused,
     }  # fmt: skip
     plain_need = PLAIN_BUFFERS * 4 * n * v
     if plain_need > 0.6 * available_bytes(args.device):
@@ -186,6 +188,11 @@ def parse(argv=None):
     p.add_argument("--vocab", type=int, nargs="+", default=[49152, 151936])
     p.add_argument("--divergence", default="reverse_kl")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--no-fused",
+        action="store_true",
+        help="chunked path without the fused CUDA kernels (kltrain.chunked_cuda), for comparison",
+    )
     for hidden in ("--_case", "--_n", "--_v"):  # internal: one case in a fresh subprocess
         p.add_argument(hidden, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -196,6 +203,8 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
+    if args.no_fused:
+        os.environ["KLTRAIN_FUSED_CUDA"] = "0"  # inherited by the per-case subprocesses
     if args._case:
         print(json.dumps(measure(args._case, int(args._n), int(args._v), args)))
         return

@@ -300,3 +300,108 @@ def test_token_stats_match_plain_computations():
     only_policy = token_stats(t["h"], t["w"], t["tok"], chunk_size=100, policy_bias=t["b"])
     assert set(only_policy) == {"logprobs", "entropy"}
     torch.testing.assert_close(only_policy["entropy"], stats["entropy"])
+
+
+# The fused per-chunk ops (kltrain.chunked_cuda): their torch twin runs the CUDA wiring on CPU;
+# the Triton kernels themselves are checked where CUDA exists.
+def use_fused_ops(monkeypatch, ops):
+    import kltrain.chunked as chunked_mod
+    from kltrain import chunked_cuda
+
+    calls = []
+
+    def fused_ops(device, acc, div):
+        if acc != torch.float32 or chunked_cuda.kernel_id(div) is None:
+            return None
+        calls.append(div)
+        return ops
+
+    monkeypatch.setattr(chunked_mod, "_fused_ops", fused_ops)
+    return calls
+
+
+def fused_path_matches_plain(t, name, p, loss, chunk_size, bias, rtol=1e-5):
+    div = None if name is None else get_divergence(name, **p)
+    chunked, _ = loss(t)
+    got = fused(t, div, chunked, chunk_size, bias, ref=div is not None)
+    g_got = torch.autograd.grad(got, params(t, bias))
+    t64 = as64(t)
+    want = plain_path(t64, div, loss(t64)[1], bias)
+    g_want = torch.autograd.grad(want, params(t64, bias))
+    assert_close_scaled(got, want, rtol)
+    for a, b in zip(g_got, g_want):
+        assert a.dtype == t["h"].dtype
+        assert_close_scaled(a, b, rtol)
+
+
+@pytest.mark.parametrize(("name", "p"), [*DIVS, (None, {})], ids=[n for n, _ in DIVS] + ["none"])
+@pytest.mark.parametrize("chunk_size", [7, 1024])
+def test_fused_ops_twin_matches_plain_path(monkeypatch, name, p, chunk_size):
+    from kltrain.chunked_cuda import TorchChunkOps
+
+    calls = use_fused_ops(monkeypatch, TorchChunkOps())
+    loss = pg_plus_kl if name is not None else logprobs_only
+    bias = chunk_size == 7
+    fused_path_matches_plain(make(11, bias=bias), name, p, loss, chunk_size, bias)
+    assert calls
+
+
+def test_fused_ops_twin_native_half_path(monkeypatch):
+    """The CUDA bf16 branch on CPU: G is written straight in bf16 for the backward GEMMs."""
+    import kltrain.chunked as chunked_mod
+    from kltrain.chunked_cuda import TorchChunkOps
+
+    def mm_out_dtype(self, a, b, out=None):
+        if not self.native:
+            return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+        return torch.mm(a.to(self.w.dtype).float(), b.to(self.w.dtype).float())
+
+    monkeypatch.setattr(chunked_mod, "_has_mm_out_dtype", lambda device: True)
+    monkeypatch.setattr(chunked_mod._Head, "mm", mm_out_dtype)
+    use_fused_ops(monkeypatch, TorchChunkOps())
+    for name in ("reverse_kl", "js"):
+        fused_path_matches_plain(make(12, torch.bfloat16), name, {}, pg_plus_kl, 16, False, 2**-7)
+
+
+def test_fused_ops_only_for_cuda_fp32_and_builtins():
+    from kltrain.chunked_cuda import chunk_ops, kernel_id
+    from kltrain.divergences import ReverseKL
+
+    class Custom(ReverseKL):
+        pass
+
+    assert chunk_ops(torch.device("cpu"), torch.float32, get_divergence("js")) is None
+    assert chunk_ops(torch.device("cuda"), torch.float64, get_divergence("js")) is None
+    assert kernel_id(Custom()) is None and kernel_id(get_divergence("tv")) is not None
+    assert chunk_ops(torch.device("cuda"), torch.float32, Custom()) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernels)")
+@pytest.mark.parametrize(("name", "p"), [*DIVS, (None, {})], ids=[n for n, _ in DIVS] + ["none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fused_kernels_match_plain_path(name, p, dtype):
+    from kltrain.chunked_cuda import chunk_ops
+
+    assert chunk_ops(torch.device("cuda"), torch.float32, get_divergence("js")) is not None
+    global N, V
+    old = N, V
+    N, V = 301, 5003  # several column blocks, a partial last chunk
+    try:
+        t = {k: v.detach().cuda().requires_grad_(v.requires_grad) for k, v in make(13).items()}
+        t = {
+            k: (
+                v.detach().to(dtype).requires_grad_(v.requires_grad) if v.is_floating_point() else v
+            )
+            for k, v in t.items()
+        }
+        t["adv"], t["mask"] = t["adv"].float(), t["mask"].bool()
+        loss = pg_plus_kl if name is not None else logprobs_only
+        for bias in (False, True):
+            if bias:
+                t["b"] = (0.4 * torch.randn(V, device="cuda")).to(dtype).requires_grad_(True)
+                t["rb"] = (0.4 * torch.randn(V, device="cuda")).to(dtype)
+            fused_path_matches_plain(
+                t, name, p, loss, 128, bias, 1e-4 if dtype == torch.float32 else 2**-7
+            )
+    finally:
+        N, V = old

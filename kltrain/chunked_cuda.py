@@ -1,0 +1,131 @@
+"""Fused per-chunk elementwise work of the chunked lm_head path, for CUDA (Triton kernels).
+
+The chunk loop of :mod:`kltrain.chunked` turns fp32 logits ``z`` (policy) and ``zq`` (reference),
+``[c, V]`` each, into per-row values and the gradient w.r.t. ``z``. Done with torch ops that is
+some twenty full passes over ``[c, V]`` buffers, which dominate once the lm_head GEMMs run in
+bf16 on a GPU. Here it is two kernels, with the ``[c]``-sized ``loss_fn`` call between them:
+
+- ``stats``: one program per row; an online (max, Σexp) pass over both rows gives
+  lse = logsumexp of each, and for the KLs the value at the same time
+  (KL(π‖π_ref) = E_π[z − zq] − lse + lse_ref, KL(π_ref‖π) likewise with the roles swapped); the
+  other built-ins take a second pass with ℓ = z − lse, ℓ_ref = zq − lse_ref for D = Σ term and
+  S = Σ_v π_v s_v. Also log π(token). Reads z, zq once (KLs) or twice.
+- ``grad``: G = b·∂D/∂z − a·π + a·onehot(token), ∂D/∂z = π(ρ − D) (reverse KL), π − π_ref
+  (forward KL), or πs − π·S (the rest): reads z, zq once and writes G (into z's buffer, or as
+  bf16 when that is what the backward GEMMs take anyway).
+
+Same formulas as ``Divergence.token_terms``/``weighted_score`` in fp32 (MATH.md precision rule),
+so results agree with the torch path to fp32 rounding. Only the built-in divergence classes
+(exact type) have kernels; user f, float64 and non-CUDA tensors use the torch path.
+:class:`TorchChunkOps` is the same two-step computation in torch, used to test the wiring on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from kltrain.divergences import (
+    Alpha,
+    ChiSquared,
+    Divergence,
+    ForwardKL,
+    Hellinger,
+    JensenShannon,
+    ReverseKL,
+    TotalVariation,
+)
+
+# Kernel ids; NONE: no divergence (log-probs only, no reference logits).
+_IDS: dict[type, int] = {
+    ReverseKL: 0,
+    ForwardKL: 1,
+    JensenShannon: 2,
+    TotalVariation: 3,
+    Alpha: 4,
+    Hellinger: 5,
+    ChiSquared: 6,
+}
+NONE = 7
+ENV_SWITCH = "KLTRAIN_FUSED_CUDA"  # "0" turns the fused kernels off (the torch path runs)
+
+
+def kernel_id(div: Divergence | None) -> int | None:
+    """The kernel's id for ``div`` (exact built-in classes only; subclasses may override math)."""
+    return NONE if div is None else _IDS.get(type(div))
+
+
+def _alpha(div: Divergence | None) -> float:
+    return float(div.alpha) if isinstance(div, Alpha) else 0.0
+
+
+class TorchChunkOps:
+    """The kernels' computation in torch (reference for tests; works on any device)."""
+
+    def stats(self, z: Tensor, zq: Tensor | None, tok: Tensor, div: Divergence | None):
+        """-> (log π(token) [c], D [c] or None, aux) with aux = (lse, lse_ref, D, S) per row."""
+        k = kernel_id(div)
+        lse = torch.logsumexp(z, -1)
+        lp = z.gather(1, tok[:, None]).squeeze(1) - lse
+        if k == NONE:
+            return lp, None, (lse, None, None, None)
+        lseq = torch.logsumexp(zq, -1)
+        logp, logq = z - lse[:, None], zq - lseq[:, None]
+        if k == 0:
+            d = (torch.softmax(z, -1) * (z - zq)).sum(-1) - lse + lseq
+            s = None
+        elif k == 1:
+            d = (torch.softmax(zq, -1) * (zq - z)).sum(-1) - lseq + lse
+            s = None
+        else:
+            d = div.token_terms(logp, logq).sum(-1)
+            s = div.weighted_score(logp, logq).sum(-1)
+        return lp, d, (lse, lseq, d, s)
+
+    def grad(self, z, zq, tok, aux, a, b, out, div):
+        """G = b·∂D/∂z − a·π + a·onehot(token), written into ``out`` ([c, V], any float dtype)."""
+        k = kernel_id(div)
+        lse, lseq, d, s = aux
+        logp = z - lse[:, None]
+        p = logp.exp()
+        g = -a[:, None] * p
+        if k != NONE:
+            logq = zq - lseq[:, None]
+            if k == 0:
+                dz = p * (logp - logq - d[:, None])
+            elif k == 1:
+                dz = p - logq.exp()
+            else:
+                dz = div.weighted_score(logp, logq) - p * s[:, None]
+            g = g + b[:, None] * dz
+        g = g.scatter_add(1, tok[:, None], a[:, None].to(g.dtype))
+        return out.copy_(g)
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_TRITON: bool | None = None
+
+
+def chunk_ops(device: torch.device, acc: torch.dtype, div: Divergence | None):
+    """The fused ops for this device/accumulation dtype/divergence, or None (use torch)."""
+    global _TRITON
+    if device.type != "cuda" or acc != torch.float32 or kernel_id(div) is None:
+        return None
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    if _TRITON is None:
+        _TRITON = _triton_ok()
+    if not _TRITON:
+        return None
+    from kltrain import _chunked_triton
+
+    return _chunked_triton.OPS
