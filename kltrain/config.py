@@ -142,6 +142,11 @@ class PPOConfig(Section):
     penalty_clip: float | None = Field(None, gt=0.0)
     """Clamp each token's reward penalty β·d_t to [−c, c] (reward units; None: off, as in
     InstructGPT, Llama 2 and TRL). Bounds k1's negative and large per-token values."""
+    value_trunk_gradient: bool = False
+    """With the value head on the policy: whether the value loss's gradient flows into the
+    shared trunk. Off by default: the head then learns on the policy's features without the value
+    loss moving the policy itself (a young value head's noisy targets otherwise push the policy
+    away from the reference with no gain in reward; seen on the embedded model)."""
     value_model: str | None = None
     """None: a linear value head on the policy's final hidden states (shared trunk, as TRL's
     value head). A model name (embedded short name, hub id or folder): a separate value model, its

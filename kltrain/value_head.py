@@ -23,11 +23,13 @@ class ValueHead(nn.Module):
     """``V(s_t) = w·h_t + b`` on the policy's final hidden states ``h`` ``[b, T, H]`` → ``[b, T]``.
 
     Zero-initialised, so ``V ≡ 0`` before training (as lm-human-preferences); computed in fp32
-    whatever the trunk's dtype. Gradients of the value loss reach the shared trunk through ``h``.
+    whatever the trunk's dtype. Gradients of the value loss reach the shared trunk through ``h``
+    only with ``trunk_gradient`` (``algorithm.ppo.value_trunk_gradient``).
     """
 
-    def __init__(self, hidden_size: int) -> None:
+    def __init__(self, hidden_size: int, trunk_gradient: bool = True) -> None:
         super().__init__()
+        self.trunk_gradient = trunk_gradient
         self.linear = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
@@ -39,6 +41,8 @@ class ValueHead(nn.Module):
     def forward(self, rollout: Rollout, rows: Tensor, policy_hidden: Tensor | None) -> Tensor:
         if policy_hidden is None:
             raise ValueError("the value head needs the policy's hidden states (none were kept)")
+        if not self.trunk_gradient:
+            policy_hidden = policy_hidden.detach()
         return self.head(_zero_padding(policy_hidden, rollout.completion_mask[rows]))
 
 
@@ -83,4 +87,7 @@ def build_value_function(cfg: RunConfig) -> ValueHead | ValueModel:
     if name is not None:
         return ValueModel.load(name, cfg.model.dtype, trust)
     config = AutoConfig.from_pretrained(resolve_model(cfg.model.policy), trust_remote_code=trust)
-    return ValueHead(config.get_text_config().hidden_size)
+    return ValueHead(
+        config.get_text_config().hidden_size,
+        trunk_gradient=cfg.algorithm.ppo.value_trunk_gradient,
+    )

@@ -408,3 +408,29 @@ def test_gradient_accumulation_invariance_with_the_value_loss(tiny_model, tmp_pa
         )
     moved = (named[0]["linear.weight"] - start["linear.weight"]).detach().abs().max()
     assert float(moved) > 1e-4  # the value head was updated
+
+
+def test_value_trunk_gradient_switch():
+    """value_trunk_gradient off: the value loss trains the head and leaves the trunk alone."""
+    mask = torch.tensor([[True, True]])
+    for trunk_gradient in (True, False):
+        head = ValueHead(3, trunk_gradient=trunk_gradient)
+        with torch.no_grad():
+            head.linear.weight.fill_(0.5)
+        hidden = torch.randn(1, 2, 3, requires_grad=True)
+        head(_rollout(mask, hidden), torch.tensor([0]), hidden).sum().backward()
+        assert head.linear.weight.grad is not None and head.linear.weight.grad.abs().sum() > 0
+        if trunk_gradient:
+            torch.testing.assert_close(hidden.grad, torch.full((1, 2, 3), 0.5))
+        else:
+            assert hidden.grad is None
+
+
+def test_value_head_default_keeps_the_trunk_out_of_the_value_loss(tmp_path):
+    from kltrain.value_head import build_value_function
+    from tests.helpers.tiny import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / "m")
+    cfg = config_from_dict(ppo_raw(str(model), tmp_path / "run"))
+    assert cfg.algorithm.ppo.value_trunk_gradient is False
+    assert build_value_function(cfg).trunk_gradient is False
