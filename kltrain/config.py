@@ -142,6 +142,10 @@ class PPOConfig(Section):
     penalty_clip: float | None = Field(None, gt=0.0)
     """Clamp each token's reward penalty β·d_t to [−c, c] (reward units; None: off, as in
     InstructGPT, Llama 2 and TRL). Bounds k1's negative and large per-token values."""
+    value_learning_rate: float | None = Field(None, gt=0.0)
+    """Learning rate of the value function (None: ``trainer.learning_rate``). A zero-initialised
+    head at a fine-tuning rate stays near 0 for many steps, and with λ < 1 GAE then credits late
+    tokens more than early ones whatever the reward; a higher rate lets V catch up quickly."""
     value_trunk_gradient: bool = False
     """With the value head on the policy: whether the value loss's gradient flows into the
     shared trunk. Off by default: the head then learns on the policy's features without the value

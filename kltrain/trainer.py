@@ -133,12 +133,11 @@ class Trainer:
         self.algorithm = make_algorithm(cfg)
         for module in self.algorithm.modules().values():
             module.to(acc.device)
-        self.params = [p for p in self.models.policy.parameters() if p.requires_grad]
-        for module in self.algorithm.modules().values():
-            self.params += [p for p in module.parameters() if p.requires_grad]
+        groups = self._param_groups()
+        self.params = [p for group in groups for p in group["params"]]
         self.minibatch_generator = torch.Generator().manual_seed(cfg.seed)
         self.optimizer = torch.optim.AdamW(
-            self.params,
+            groups,
             lr=cfg.trainer.learning_rate,
             betas=cfg.trainer.adam_betas,
             weight_decay=cfg.trainer.weight_decay,
@@ -160,6 +159,19 @@ class Trainer:
         self.resumed_from = resume_from
         if resume_from is not None:
             self._restore(resume_from, allow_config_change)
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """The policy's trainable parameters at ``trainer.learning_rate``, then the algorithm's
+        modules (e.g. PPO's value head) at the algorithm's own rate where it sets one."""
+        policy = [p for p in self.models.policy.parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": policy}]
+        module_lr = self.algorithm.module_learning_rate
+        for module in self.algorithm.modules().values():
+            params = [p for p in module.parameters() if p.requires_grad]
+            groups.append(
+                {"params": params} if module_lr is None else {"params": params, "lr": module_lr}
+            )
+        return groups
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:

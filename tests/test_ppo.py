@@ -434,3 +434,16 @@ def test_value_head_default_keeps_the_trunk_out_of_the_value_loss(tmp_path):
     cfg = config_from_dict(ppo_raw(str(model), tmp_path / "run"))
     assert cfg.algorithm.ppo.value_trunk_gradient is False
     assert build_value_function(cfg).trunk_gradient is False
+
+
+def test_value_learning_rate_is_its_own_param_group(tmp_path):
+    from kltrain.trainer import Trainer
+    from tests.helpers.tiny import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / "m")
+    raw = ppo_raw(str(model), tmp_path / "run", algorithm={"ppo": {"value_learning_rate": 0.5}})
+    trainer = Trainer(config_from_dict(raw))
+    policy_group, value_group = trainer.optimizer.param_groups
+    assert policy_group["lr"] == 1e-3 and value_group["lr"] == 0.5
+    head = trainer.algorithm.modules()["value_head"]
+    assert {id(p) for p in value_group["params"]} == {id(p) for p in head.parameters()}

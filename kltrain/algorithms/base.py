@@ -68,6 +68,11 @@ class Algorithm(ABC):
         processes and divides by the number of passes); resets them."""
         return {}
 
+    @property
+    def module_learning_rate(self) -> float | None:
+        """Learning rate of ``modules()`` (None: ``trainer.learning_rate``)."""
+        return None
+
     def modules(self) -> dict[str, torch.nn.Module]:
         """Trainable modules the algorithm owns (e.g. a value head), by name: the loop moves
         them to the device, optimises them with the policy and saves them as safetensors."""

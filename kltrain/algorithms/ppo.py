@@ -44,6 +44,10 @@ class Ppo(Algorithm):
         self.needs_policy_hidden = isinstance(self.value, ValueHead)
         self._update_sums: dict[str, float] = defaultdict(float)
 
+    @property
+    def module_learning_rate(self) -> float | None:
+        return self.ppo.value_learning_rate
+
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"value_head" if self.needs_policy_hidden else "value_model": self.value}
 
