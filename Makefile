@@ -1,16 +1,20 @@
-# kltrain: `make run` trains the quickstart on the embedded model, `make test` runs the suite.
+# kltrain: `make run` trains the reference PPO configuration on the embedded model, `make
+# quickstart` the RLOO quickstart, `make test` runs the suite.
 # Both set up .venv on first use (scripts/bootstrap.sh) and are quick afterwards.
 VENV := .venv
 BIN := $(VENV)/bin
 export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test lint format bench clean
+.PHONY: setup run quickstart test lint format bench clean
 
 setup:
 	@scripts/bootstrap.sh
 
 run: setup
+	$(BIN)/kltrain fit configs/ppo_reverse_kl.yaml
+
+quickstart: setup
 	$(BIN)/kltrain fit configs/quickstart.yaml
 
 test: setup lint
