@@ -219,6 +219,7 @@ class Trainer:
         }
         result = self.reward_fn(rollout.prompts, rollout.completions, step=step, columns=columns)
         rewards = result.total.to(self.accelerator.device, torch.float32)
+        rollout.rewards_per_term = dict(result.per_term)
         invalid = result.invalid.to(rewards.device)
         if invalid.any():
             valid_mean = rewards[~invalid].mean() if (~invalid).any() else rewards.new_zeros(())

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from kltrain.algorithms.base import Algorithm, TrainBatch
+from kltrain.algorithms.fdpg import Fdpg
 from kltrain.algorithms.grpo import Grpo
 from kltrain.algorithms.rloo import Rloo
 from kltrain.config import RunConfig
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Rloo, Grpo)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Rloo, Grpo, Fdpg)}
 
 
 def make_algorithm(cfg: RunConfig) -> Algorithm:
