@@ -31,6 +31,7 @@ from kltrain.divergences import Divergence, get_divergence
 from kltrain.rollout import Rollout
 from kltrain.targets import (
     DIAGNOSED_DIVERGENCES,
+    TargetError,
     constraint_log_score,
     constraint_values,
     distinct_n,
@@ -42,6 +43,18 @@ from kltrain.targets import (
     leave_one_out_mean,
     log_z_stderr,
 )
+
+
+def gradient_description(cfg: RunConfig) -> tuple[str, str]:
+    """(``gradient_followed`` for config.yaml, the console line) of an fdpg run."""
+    fd = cfg.algorithm.fdpg or FdpgConfig()
+    key = f"sequence {cfg.kl.divergence} to target {fd.target}"
+    target = {
+        "rlhf": f"π_ref·exp(R/β), β={cfg.kl.coef}",
+        "constraint": f"π_ref·b_ε, ε={fd.epsilon}",
+        "moments": f"π_ref·exp(λ·φ), E_p[φ]={fd.moments}",
+    }[fd.target]
+    return key, f"minimises D_f(π‖p), f={cfg.kl.divergence}, p ∝ {target} (full gradient)"
 
 
 class Fdpg(Algorithm):
@@ -58,6 +71,7 @@ class Fdpg(Algorithm):
         self.lambdas = None if lambdas is None else torch.tensor(lambdas, dtype=torch.float64)
         self.fit_buffer: deque = deque(maxlen=self.settings.refit_window)
         self.steps = 0
+        self.refit_failures = 0
         self.diagnosed = self._diagnosed_divergences()
 
     def _diagnosed_divergences(self) -> dict[str, Divergence]:
@@ -113,18 +127,27 @@ class Fdpg(Algorithm):
             metrics[f"fdpg/lambda/{label}"] = float(self.lambdas[k])
             errors.append(abs(mean - mu[k]))
         metrics["fdpg/alignment/moment_error"] = max(errors)
+        metrics["fdpg/refit_failures"] = float(self.refit_failures)
         return phi @ self.lambdas.to(phi.device), metrics
 
     def _maybe_fit(self, phi: Tensor, log_w0: Tensor, keys: list) -> None:
         """Fit λ on the first batch (unless given), then every ``refit_every`` steps on the last
-        ``refit_window`` batches (grouped by prompt); a new λ is a new target, so Z restarts."""
+        ``refit_window`` batches (grouped by prompt); a new λ is a new target, so Z restarts.
+        A refit whose moments are out of the samples' reach keeps the previous λ (counted)."""
         self.fit_buffer.append((phi.cpu(), log_w0.cpu(), torch.tensor(keys)))
         every = self.settings.refit_every
         due = self.lambdas is None or (every and self.steps % every == 0)
         if not due:
             return
         phis, log_ws, groups = (torch.cat(parts) for parts in zip(*self.fit_buffer))
-        self.lambdas = fit_lambdas(phis, log_ws, groups, self.settings.moments, init=self.lambdas)
+        try:
+            lambdas = fit_lambdas(phis, log_ws, groups, self.settings.moments, init=self.lambdas)
+        except TargetError:
+            if self.lambdas is None:
+                raise  # no λ at all: the run cannot start
+            self.refit_failures += 1  # keep λ; logged as fdpg/refit_failures
+            return
+        self.lambdas = lambdas
         self.log_z = LogPartitionEstimate(self.settings.z_rate)
 
     def pseudo_reward(self, log_u: Tensor) -> tuple[Tensor, Tensor]:
