@@ -462,3 +462,17 @@ def test_softened_constraint_with_reverse_kl_is_accepted():
     cfg = _cfg(algorithm={"fdpg": {"target": "constraint", "epsilon": 0.01}})
     assert cfg.algorithm.fdpg.epsilon == 0.01
     assert isinstance(LogPartitionEstimate(), LogPartitionEstimate)
+
+
+def test_unreachable_first_fit_waits_with_lambda_zero_when_refits_are_on():
+    """With refit_every the run starts at λ = 0 (p = π_ref) and retries; without, it stops."""
+    ref, _ = _tables()
+    g = torch.Generator().manual_seed(11)
+    tokens, mask = sample(ref, 8, g)
+    keep_going = make_fdpg("js", target="moments", moments=[0.999, 0.5], refit_every=3)
+    rollout, rewards = rollout_for(keep_going, ref, ref, tokens, mask, "moments", 4)
+    metrics = keep_going.prepare(rollout, rewards, None).metrics
+    assert metrics["fdpg/refit_failures"] == 1 and keep_going.lambdas.tolist() == [0.0, 0.0]
+    strict = make_fdpg("js", target="moments", moments=[0.999, 0.5])
+    with pytest.raises(TargetError, match="cannot be reached"):
+        strict.prepare(rollout, rewards, None)

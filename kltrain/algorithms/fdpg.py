@@ -72,6 +72,7 @@ class Fdpg(Algorithm):
         self.fit_buffer: deque = deque(maxlen=self.settings.refit_window)
         self.steps = 0
         self.refit_failures = 0
+        self.fitted = self.lambdas is not None
         self.diagnosed = self._diagnosed_divergences()
 
     def _diagnosed_divergences(self) -> dict[str, Divergence]:
@@ -133,21 +134,25 @@ class Fdpg(Algorithm):
     def _maybe_fit(self, phi: Tensor, log_w0: Tensor, keys: list) -> None:
         """Fit λ on the first batch (unless given), then every ``refit_every`` steps on the last
         ``refit_window`` batches (grouped by prompt); a new λ is a new target, so Z restarts.
-        A refit whose moments are out of the samples' reach keeps the previous λ (counted)."""
+
+        A fit whose moments the samples cannot reach keeps the current λ (counted in
+        ``fdpg/refit_failures``); before the first success that is λ = 0 (p = π_ref) and the fit
+        is retried every step. Without ``refit_every`` there is no retry: the error stands."""
         self.fit_buffer.append((phi.cpu(), log_w0.cpu(), torch.tensor(keys)))
         every = self.settings.refit_every
-        due = self.lambdas is None or (every and self.steps % every == 0)
-        if not due:
+        if self.fitted and not (every and self.steps % every == 0):
             return
         phis, log_ws, groups = (torch.cat(parts) for parts in zip(*self.fit_buffer))
         try:
             lambdas = fit_lambdas(phis, log_ws, groups, self.settings.moments, init=self.lambdas)
         except TargetError:
+            if not every and not self.fitted:
+                raise
+            self.refit_failures += 1
             if self.lambdas is None:
-                raise  # no λ at all: the run cannot start
-            self.refit_failures += 1  # keep λ; logged as fdpg/refit_failures
+                self.lambdas = torch.zeros(phi.shape[1], dtype=torch.float64)
             return
-        self.lambdas = lambdas
+        self.lambdas, self.fitted = lambdas, True
         self.log_z = LogPartitionEstimate(self.settings.z_rate)
 
     def pseudo_reward(self, log_u: Tensor) -> tuple[Tensor, Tensor]:
@@ -202,10 +207,16 @@ class Fdpg(Algorithm):
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         lambdas = None if self.lambdas is None else self.lambdas.tolist()
-        return {"log_z": self.log_z.state_dict(), "lambdas": lambdas, "steps": self.steps}
+        return {
+            "log_z": self.log_z.state_dict(),
+            "lambdas": lambdas,
+            "fitted": self.fitted,
+            "steps": self.steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.log_z.load_state_dict(state["log_z"])
         lambdas = state["lambdas"]
         self.lambdas = None if lambdas is None else torch.tensor(lambdas, dtype=torch.float64)
+        self.fitted = bool(state["fitted"])
         self.steps = int(state["steps"])
