@@ -1,6 +1,6 @@
 """Forward KL vs reverse KL vs JS in f-DPG toward one pointwise constraint, equal budgets.
 
-Each divergence trains the embedded smollm2-135m from the same seed, on the same prompts, for the
+Each divergence trains the embedded smollm2-135m from the same seed, on the same prompt(s), for the
 same number of steps and samples, toward the same target ``p ∝ π_ref·b_ε`` (b: the keyword
 constraint of configs/fdpg_forward_kl.yaml; ``b_ε = ε + (1 − ε)·b``, the softening reverse KL
 needs, used for all three so that "divergence to target" is measured against one p). Writes
@@ -38,7 +38,9 @@ def run_one(divergence: str, args: argparse.Namespace) -> list[dict]:
     from kltrain.trainer import Trainer
 
     out = Path(args.out) / divergence
+    prompts = Path(args.out) / "prompts.jsonl"
     overrides = [
+        f"data.prompts={prompts}" if args.prompt else "data.prompts=builtin:movie_reviews",
         f"name=ablation_{divergence}",
         f"kl.divergence={divergence}",
         f"algorithm.fdpg.epsilon={args.epsilon}",
@@ -112,16 +114,23 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--epsilon", type=float, default=1e-3)
     parser.add_argument("--window", type=int, default=5, help="steps averaged in the table")
+    parser.add_argument(
+        "--prompt",
+        default="I finally caught 'The Last Harbor' at the cinema, and",
+        help="one prompt for every sample (one Z, as in the paper's unconditional setting); "
+        "'' uses the 242 movie-review prompts (one Z each, estimated from few samples)",
+    )
     parser.add_argument("--out", default="runs/fdpg_ablation")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "prompts.jsonl").write_text(json.dumps({"prompt": args.prompt}) + "\n")
     results = {div: run_one(div, args) for div in DIVERGENCES}
     md = table(results, args.window)
     settings = (
         f"{args.steps} steps × {args.prompts} prompts × {args.generations} samples × "
         f"{args.max_new_tokens} tokens, lr {args.lr}, ε = {args.epsilon}; first → last "
-        f"{args.window}-step means\n\n"
+        f"{args.window}-step means; prompt: {args.prompt or 'builtin:movie_reviews'}\n\n"
     )
     (out / "table.md").write_text(settings + md)
     plot(results, out / "ablation.png", smooth=args.window)
