@@ -157,6 +157,28 @@ class PPOConfig(Section):
     own transformer trunk plus a linear head, trained with the policy's optimiser."""
 
 
+class FdpgConfig(Section):
+    """f-DPG (`algorithm.name: fdpg`): minimise D_f(π‖p) toward a target p (kltrain/targets.py)."""
+
+    target: Literal["rlhf", "constraint", "moments"] = "rlhf"
+    """`rlhf`: π_ref·exp(R/β), β = kl.coef; `constraint`: π_ref·b, b = product of the reward
+    terms (each 0/1); `moments`: π_ref·exp(λ·φ), φ_k = reward term k, E_p[φ] = `moments`."""
+    epsilon: float = Field(0.0, ge=0.0, lt=1.0)
+    """Softened constraint b_ε = ε + (1 − ε)·b (needed by reverse_kl, chi2, alpha α > 1)."""
+    moments: list[float] | None = None
+    """Target moments μ, one per reward term (target `moments` only)."""
+    lambdas: list[float] | None = None
+    """Initial λ, one per reward term; by default fitted on the first step's samples (π_ref)."""
+    refit_every: int = Field(0, ge=0)
+    """Refit λ every N steps on the last `refit_window` steps' samples (0: never)."""
+    refit_window: int = Field(4, ge=1)
+    z_rate: float | None = Field(None, gt=0.0, le=1.0)
+    """Per-prompt Z moving average: None = mean of all weights seen, else EMA weight."""
+    weight_clip: float | None = Field(None, gt=1.0)
+    """Clip the importance weight p(y)/π(y) of the pseudo-reward at this value (biased)."""
+    baseline: Literal["leave_one_out", "none"] = "leave_one_out"
+
+
 class AlgorithmConfig(Section):
     name: Literal["rloo", "grpo", "ppo", "fdpg"] = "rloo"
     num_generations: int = Field(4, ge=1)
@@ -171,6 +193,8 @@ class AlgorithmConfig(Section):
     # PPO (issue 4) and f-DPG (issue 5) add their keys here.
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     """PPO's own keys (``algorithm.ppo.*``); an error with any other algorithm."""
+    fdpg: FdpgConfig | None = None
+    """f-DPG's settings (defaults when `name: fdpg` and this is absent)."""
 
 
 class TrackingWandbConfig(Section):
@@ -238,6 +262,10 @@ class RunConfig(Section):
                 f"samples of the same prompt); got {algo.num_generations}"
             )
         _validate_ppo(self)
+        if algo.name == "fdpg" or algo.fdpg is not None:
+            from kltrain.targets import validate_fdpg_config
+
+            validate_fdpg_config(self)
         return self
 
     def resolved_output_dir(self) -> Path:

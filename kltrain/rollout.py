@@ -41,6 +41,8 @@ class Rollout:
     "ref_logprobs", "entropy", and one exact divergence per name (e.g. "reverse_kl")."""
     ref_hidden: Tensor | None = None  # [B, T, H] reference final hidden states, when kept
     policy_hidden: Tensor | None = None  # [B, T, H] policy final hidden states, when kept
+    rewards_per_term: dict[str, Tensor] = field(default_factory=dict)
+    """[B] each reward term after its transforms, before its weight (set when scored)."""
 
     @property
     def completion_ids(self) -> Tensor:  # [B, T]

@@ -66,16 +66,22 @@ class RunLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.history = truncate_jsonl(self.dir / "metrics.jsonl", first_step)
         truncate_jsonl(self.dir / "samples.jsonl", first_step)
+        followed = regulariser.gradient.key
+        line = (
+            f"{regulariser.metric_name} in the {regulariser.placement}: follows the "
+            f"{followed} gradient ({regulariser.gradient.explanation})"
+        )
+        if self.cfg.algorithm.name == "fdpg":  # the divergence is the objective
+            from kltrain.algorithms.fdpg import gradient_description
+
+            followed, line = gradient_description(self.cfg)
         extra = {
             "versions": library_versions(),
-            "gradient_followed": regulariser.gradient.key,
+            "gradient_followed": followed,
         }
         (self.dir / "config.yaml").write_text(to_yaml(self.cfg, extra))
         print(
-            f"kltrain: run folder {self.dir}\n"
-            f"kltrain: {self.cfg.algorithm.name}, {regulariser.metric_name} in the "
-            f"{regulariser.placement}: follows the {regulariser.gradient.key} gradient "
-            f"({regulariser.gradient.explanation})",
+            f"kltrain: run folder {self.dir}\nkltrain: {self.cfg.algorithm.name}, {line}",
             flush=True,
         )
         self._init_wandb(extra, run_id)

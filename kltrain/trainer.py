@@ -295,6 +295,7 @@ class Trainer:
         }
         result = self.reward_fn(rollout.prompts, rollout.completions, step=step, columns=columns)
         rewards = result.total.to(self.accelerator.device, torch.float32)
+        rollout.rewards_per_term = dict(result.per_term)
         invalid = result.invalid.to(rewards.device)
         rewards = torch.where(invalid, torch.zeros_like(rewards), rewards)
         rollout.completion_mask[invalid] = False

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from kltrain.algorithms.base import Algorithm, TrainBatch
+from kltrain.algorithms.fdpg import Fdpg
 from kltrain.algorithms.grpo import Grpo
 from kltrain.algorithms.ppo import Ppo
 from kltrain.algorithms.rloo import Rloo
 from kltrain.config import RunConfig
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Rloo, Grpo, Ppo)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Rloo, Grpo, Ppo, Fdpg)}
 
 
 def make_algorithm(cfg: RunConfig) -> Algorithm:

@@ -1,0 +1,222 @@
+"""f-DPG (Go et al. 2023): minimise ``D_f(π_θ‖p)`` toward a target ``p = π_ref·exp(s)/Z``.
+
+The divergence is the objective, so the loop adds no ``β·D(π‖π_ref)`` (``uses_regulariser``).
+Gradient (MATH.md, f-DPG), for y ~ π_θ (the proposal: the policy at sampling time):
+
+    ∇_θ D_f(π_θ‖p) = E_{y~π_θ}[ f'(u(y)) ∇_θ log π_θ(y) ],   u = π_θ(y)/p(y),
+    log u = log π_θ(y) − log π_ref(y) − s(y) + log Z(x).
+
+Each sequence gets the advantage ``A = −(f'(u) − b)`` on every completion token, b the mean
+``f'`` of the other samples of its prompt (leave-one-out: unbiased); the loop's plain policy
+gradient ``−A·∇ℓ_t`` summed over tokens is then ``−A·∇log π(y)``. ``Z(x)`` per prompt comes from
+:class:`kltrain.control.LogPartitionEstimate` with log-weights
+``log w = log π_ref(y) + s(y) − log π_θ(y)``; sequence log-probs are sums of the rollout's
+per-token ``logprobs`` / ``ref_logprobs`` over the completion mask.
+
+Shapes: ``[B]`` per sequence, ``[B, T]`` per completion token.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kltrain.algorithms.base import Algorithm, TrainBatch
+from kltrain.config import FdpgConfig, RunConfig
+from kltrain.control import LogPartitionEstimate
+from kltrain.divergences import Divergence, get_divergence
+from kltrain.rollout import Rollout
+from kltrain.targets import (
+    DIAGNOSED_DIVERGENCES,
+    TargetError,
+    constraint_log_score,
+    constraint_values,
+    distinct_n,
+    divergence_terms,
+    effective_sample_fraction,
+    f_prime_of_log_ratio,
+    feature_matrix,
+    fit_lambdas,
+    leave_one_out_mean,
+    log_z_stderr,
+)
+
+
+def gradient_description(cfg: RunConfig) -> tuple[str, str]:
+    """(``gradient_followed`` for config.yaml, the console line) of an fdpg run."""
+    fd = cfg.algorithm.fdpg or FdpgConfig()
+    key = f"sequence {cfg.kl.divergence} to target {fd.target}"
+    target = {
+        "rlhf": f"π_ref·exp(R/β), β={cfg.kl.coef}",
+        "constraint": f"π_ref·b_ε, ε={fd.epsilon}",
+        "moments": f"π_ref·exp(λ·φ), E_p[φ]={fd.moments}",
+    }[fd.target]
+    return key, f"minimises D_f(π‖p), f={cfg.kl.divergence}, p ∝ {target} (full gradient)"
+
+
+class Fdpg(Algorithm):
+    name = "fdpg"
+    uses_regulariser = False
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.settings: FdpgConfig = cfg.algorithm.fdpg or FdpgConfig()
+        self.divergence = get_divergence(cfg.kl.divergence, **cfg.kl.divergence_params())
+        self.beta = cfg.kl.coef
+        self.log_z = LogPartitionEstimate(self.settings.z_rate)
+        lambdas = self.settings.lambdas
+        self.lambdas = None if lambdas is None else torch.tensor(lambdas, dtype=torch.float64)
+        self.fit_buffer: deque = deque(maxlen=self.settings.refit_window)
+        self.steps = 0
+        self.refit_failures = 0
+        self.fitted = self.lambdas is not None
+        self.diagnosed = self._diagnosed_divergences()
+
+    def _diagnosed_divergences(self) -> dict[str, Divergence]:
+        """Forward KL, reverse KL, TV, JS and the trained f; toward a hard constraint (p = 0
+        somewhere) those with f'(∞) = ∞ are left out: their value is ∞ while π violates it."""
+        out = {n: get_divergence(n) for n in DIAGNOSED_DIVERGENCES}
+        out[self.divergence.name] = self.divergence
+        hard = self.settings.target == "constraint" and self.settings.epsilon == 0
+        return {n: d for n, d in out.items() if not hard or d.f_prime_at_infinity() < float("inf")}
+
+    # ------------------------------------------------------------------------------------------
+    def prepare(self, rollout: Rollout, rewards: Tensor, penalty: Tensor | None) -> TrainBatch:
+        del penalty  # uses_regulariser is False: D_f(π‖p) is the objective itself
+        self.steps += 1
+        mask = rollout.completion_mask
+        log_q = (rollout.stats["logprobs"].double() * mask).sum(dim=1)  # proposal: π at sampling
+        log_ref = (rollout.stats["ref_logprobs"].double() * mask).sum(dim=1)
+        keys = list(rollout.prompt_indices)
+        score, metrics = self.log_scores(rollout, rewards, log_ref - log_q, keys)
+        log_w = log_ref + score - log_q  # log of π_ref·e^s / π: Z's importance weights
+        log_z = self.log_z.update(keys, log_w).to(log_w.device)
+        log_u = torch.where(torch.isneginf(score), torch.inf, log_q - log_ref - score + log_z)
+        pseudo, clipped = self.pseudo_reward(log_u)
+        baseline = self.baseline(pseudo)
+        seq_adv = -(pseudo - baseline)
+        advantages = (seq_adv.unsqueeze(1) * mask).float()
+        metrics.update(self.diagnostics(rollout, log_u, log_w, keys, pseudo, clipped))
+        metrics["advantage/mean"] = float(seq_adv.mean())
+        metrics["advantage/std"] = float(seq_adv.std(unbiased=False)) if len(keys) > 1 else 0.0
+        return TrainBatch(rollout, advantages, metrics=metrics)
+
+    def log_scores(
+        self, rollout: Rollout, rewards: Tensor, log_w0: Tensor, keys: list
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The target's log-score s [B] (float64) and its alignment metrics; for ``moments``,
+        fits λ first when due (``log_w0 = log π_ref − log π`` the samples' IS weights)."""
+        target = self.settings.target
+        if target == "rlhf":
+            return rewards.double() / self.beta, {"fdpg/alignment/reward": float(rewards.mean())}
+        per_term = {k: v.to(log_w0.device) for k, v in rollout.rewards_per_term.items()}
+        if target == "constraint":
+            b = constraint_values(per_term)
+            score = constraint_log_score(b, self.settings.epsilon)
+            return score, {"fdpg/alignment/constraint": float(b.mean())}
+        phi = feature_matrix(per_term)
+        self._maybe_fit(phi, log_w0, keys)
+        metrics = {}
+        mu = self.settings.moments
+        errors = []
+        for k, label in enumerate(per_term):
+            mean = float(phi[:, k].mean())
+            metrics[f"fdpg/alignment/moment/{label}"] = mean
+            metrics[f"fdpg/lambda/{label}"] = float(self.lambdas[k])
+            errors.append(abs(mean - mu[k]))
+        metrics["fdpg/alignment/moment_error"] = max(errors)
+        metrics["fdpg/refit_failures"] = float(self.refit_failures)
+        return phi @ self.lambdas.to(phi.device), metrics
+
+    def _maybe_fit(self, phi: Tensor, log_w0: Tensor, keys: list) -> None:
+        """Fit λ on the first batch (unless given), then every ``refit_every`` steps on the last
+        ``refit_window`` batches (grouped by prompt); a new λ is a new target, so Z restarts.
+
+        A fit whose moments the samples cannot reach keeps the current λ (counted in
+        ``fdpg/refit_failures``); before the first success that is λ = 0 (p = π_ref) and the fit
+        is retried every step. Without ``refit_every`` there is no retry: the error stands."""
+        self.fit_buffer.append((phi.cpu(), log_w0.cpu(), torch.tensor(keys)))
+        every = self.settings.refit_every
+        if self.fitted and not (every and self.steps % every == 0):
+            return
+        phis, log_ws, groups = (torch.cat(parts) for parts in zip(*self.fit_buffer))
+        try:
+            lambdas = fit_lambdas(phis, log_ws, groups, self.settings.moments, init=self.lambdas)
+        except TargetError:
+            if not every and not self.fitted:
+                raise
+            self.refit_failures += 1
+            if self.lambdas is None:
+                self.lambdas = torch.zeros(phi.shape[1], dtype=torch.float64)
+            return
+        self.lambdas, self.fitted = lambdas, True
+        self.log_z = LogPartitionEstimate(self.settings.z_rate)
+
+    def pseudo_reward(self, log_u: Tensor) -> tuple[Tensor, Tensor]:
+        """``f'(u)`` [B] with, if ``weight_clip`` = c, the weight ``p/π = 1/u`` clipped at c
+        (``log u ≥ −log c``); returns (pseudo-reward, clipped [B] bool)."""
+        clip = self.settings.weight_clip
+        clipped = torch.zeros_like(log_u, dtype=torch.bool)
+        if clip is not None:
+            floor = -torch.log(torch.tensor(clip, dtype=torch.float64))
+            clipped = log_u < floor
+            log_u = torch.where(clipped, floor.to(log_u.device), log_u)
+        return f_prime_of_log_ratio(self.divergence, log_u), clipped
+
+    def baseline(self, pseudo: Tensor) -> Tensor:
+        """Leave-one-out mean of ``f'`` within each prompt's k samples (or 0)."""
+        k = self.cfg.algorithm.num_generations
+        if self.settings.baseline == "none":
+            return torch.zeros_like(pseudo)
+        return leave_one_out_mean(pseudo, k)
+
+    # ------------------------------------------------------------------------------------------
+    def diagnostics(
+        self, rollout: Rollout, log_u: Tensor, log_w: Tensor, keys: list, pseudo, clipped
+    ) -> dict[str, float]:
+        """Divergences to the target, Z, effective sample size, clipping, distinct-n."""
+        out = {
+            f"fdpg/target_divergence/{name}": float(divergence_terms(d, log_u).mean())
+            for name, d in self.diagnosed.items()
+        }
+        by_key: dict[Any, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_key.setdefault(key, []).append(i)
+        log_zs = torch.tensor([self.log_z.get(k) for k in by_key], dtype=torch.float64)
+        finite = log_zs[torch.isfinite(log_zs)]
+        out["fdpg/log_z"] = float(finite.mean()) if finite.numel() else float("-inf")
+        out["fdpg/log_z_spread"] = float(finite.std(unbiased=False)) if finite.numel() else 0.0
+        batches = [log_w[torch.tensor(rows, device=log_w.device)] for rows in by_key.values()]
+        out["fdpg/ess"] = sum(effective_sample_fraction(w) for w in batches) / len(batches)
+        errs = [log_z_stderr(w) for w in batches]
+        errs = [e for e in errs if e != float("inf")]
+        out["fdpg/log_z_stderr"] = sum(errs) / len(errs) if errs else 0.0
+        out["fdpg/pseudo_reward_mean"] = float(pseudo.mean())
+        out["fdpg/pseudo_reward_std"] = float(pseudo.std(unbiased=False))
+        if self.settings.weight_clip is not None:
+            out["fdpg/clipped_fraction"] = float(clipped.double().mean())
+        for n in (1, 2, 3):
+            out[f"diversity/distinct_{n}"] = distinct_n(
+                rollout.completion_ids, rollout.completion_mask, n
+            )
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        lambdas = None if self.lambdas is None else self.lambdas.tolist()
+        return {
+            "log_z": self.log_z.state_dict(),
+            "lambdas": lambdas,
+            "fitted": self.fitted,
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.log_z.load_state_dict(state["log_z"])
+        lambdas = state["lambdas"]
+        self.lambdas = None if lambdas is None else torch.tensor(lambdas, dtype=torch.float64)
+        self.fitted = bool(state["fitted"])
+        self.steps = int(state["steps"])
