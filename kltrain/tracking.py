@@ -178,7 +178,9 @@ def truncate_jsonl(path: Path, last_step: int) -> list[dict[str, Any]]:
 
 
 def summarise(history: list[dict[str, Any]], window: int = 3) -> dict[str, float]:
-    """Mean reward over the first and last ``window`` steps, and the final divergences."""
+    """Mean reward over the first and last ``window`` steps (and of each term's raw score, which
+    stays comparable when a transform such as ``whiten`` centres the reward), and the final
+    divergences."""
     if not history:
         return {}
     first, last = history[:window], history[-window:]
@@ -187,6 +189,11 @@ def summarise(history: list[dict[str, Any]], window: int = 3) -> dict[str, float
         "reward_first": _avg(first, "reward/mean"),
         "reward_last": _avg(last, "reward/mean"),
     }
+    for key in history[-1]:
+        if key.startswith("reward/raw/"):
+            term = key.removeprefix("reward/raw/")
+            out[f"{term}_first"] = _avg(first, key)
+            out[f"{term}_last"] = _avg(last, key)
     for key in ("divergence/reverse_kl", "divergence/forward_kl", "divergence/js"):
         if key in history[-1]:
             out[key.split("/")[-1] + "_final"] = float(history[-1][key])
