@@ -36,6 +36,7 @@ import importlib
 import inspect
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -471,13 +472,14 @@ def llama2_gate(
 # Transforms
 
 
-class Transform:
+class Transform(ABC):
     """A map ``[m] → [m]`` applied to one term's scores of the valid samples (float64)."""
 
     name: ClassVar[str]
 
+    @abstractmethod
     def __call__(self, x: torch.Tensor, where: str) -> torch.Tensor:
-        raise NotImplementedError
+        """``where`` names the term and step for error messages."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -854,16 +856,17 @@ def _scores_of(out: Any, n: int) -> tuple[list[float | None], list[str | None]] 
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-class _Term:
+class _Term(ABC):
     """One scorer with its label; ``evaluate`` → (values f64 [n] (0 where invalid), invalid
     bool [n], raw parts for diagnostics)."""
 
     label: str
 
+    @abstractmethod
     def evaluate(
         self, prompts: list, completions: list, columns: dict[str, list], ctx: _Ctx
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        """Score one batch."""
 
 
 class _CallableTerm(_Term):
