@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from kltrain.config import ConfigError
 
@@ -76,9 +77,8 @@ def save(
     if modules:
         (tmp / "modules").mkdir()
         for name, module in modules.items():
-            save_file(
-                _contiguous(module.state_dict()), str(tmp / "modules" / f"{name}.safetensors")
-            )
+            # save_model: a module with tied weights (a model copy) is stored once per storage
+            safetensors.torch.save_model(module, str(tmp / "modules" / f"{name}.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **states}, indent=1))
@@ -89,10 +89,6 @@ def save(
     _install(tmp, final)
     prune(root, keep_last)
     return final
-
-
-def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in tensors.items()}
 
 
 def _remove_stale_tmp(root: Path) -> None:
@@ -218,7 +214,12 @@ def load_modules(path: Path, modules: dict[str, torch.nn.Module]) -> None:
         file = Path(path) / "modules" / f"{name}.safetensors"
         if not file.is_file():
             raise CheckpointError(f"{file} is missing: the checkpoint has no module {name!r}")
-        module.load_state_dict(load_file(str(file)), strict=True)
+        missing, unexpected = safetensors.torch.load_model(module, str(file), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{file} does not match module {name!r}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------

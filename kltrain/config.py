@@ -177,6 +177,13 @@ class FdpgConfig(Section):
     weight_clip: float | None = Field(None, gt=1.0)
     """Clip the importance weight p(y)/π(y) of the pseudo-reward at this value (biased)."""
     baseline: Literal["leave_one_out", "none"] = "leave_one_out"
+    proposal: Literal["policy", "offline"] = "policy"
+    """Who samples: `policy` (on-policy), or `offline` (DPG's offline variant): a frozen copy q
+    of the policy, importance-weighted by π/q, replaced by the policy only when the policy's
+    estimated `proposal_divergence` to the target is lower than q's (one more model copy)."""
+    proposal_divergence: str = "tv"
+    """The divergence D(·‖p) compared by the offline proposal's update rule (any of
+    `forward_kl`, `reverse_kl`, `tv`, `js`, or the trained `kl.divergence`)."""
 
 
 class AlgorithmConfig(Section):

@@ -38,7 +38,8 @@ class Rollout:
     prompt_length: int  # P
     stats: dict[str, Tensor] = field(default_factory=dict)
     """[B, T] per-token tensors, zero on padding: "logprobs" (policy at sampling time),
-    "ref_logprobs", "entropy", and one exact divergence per name (e.g. "reverse_kl")."""
+    "ref_logprobs", "entropy", one exact divergence per name (e.g. "reverse_kl"), and
+    "proposal_logprobs" when a model other than the policy generated the rollout."""
     ref_hidden: Tensor | None = None  # [B, T, H] reference final hidden states, when kept
     policy_hidden: Tensor | None = None  # [B, T, H] policy final hidden states, when kept
     rewards_per_term: dict[str, Tensor] = field(default_factory=dict)
@@ -81,14 +82,15 @@ def generate(
     top_k: int,
     top_p: float,
     batch_size: int,
+    model: torch.nn.Module | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Sample one completion per prompt text.
+    """Sample one completion per prompt text, from ``model`` (default: the policy).
 
     Returns ``(input_ids [B, P+T], attention_mask [B, P+T], completion_mask [B, T], P)`` with a
     common P (left padding) and T (right padding) across generation micro-batches.
     """
     tok = models.tokenizer
-    policy = models.policy
+    policy = models.policy if model is None else model
     device = next(policy.parameters()).device
     enc = tok(
         prompt_texts,
@@ -160,9 +162,11 @@ def measure(
     chunk_size: int,
     keep_ref_hidden: bool,
     keep_policy_hidden: bool = False,
+    proposal: torch.nn.Module | None = None,
 ) -> None:
     """Fill ``rollout.stats`` (and ``ref_hidden`` / ``policy_hidden`` if asked, zero on
-    padding) in micro-batches of sequences."""
+    padding) in micro-batches of sequences; with a ``proposal`` model other than the policy (the
+    one that generated the rollout), also its per-token "proposal_logprobs"."""
     policy_w, policy_b = lm_head_params(models.policy)
     with models.reference_context():
         ref_w, ref_b = lm_head_params(models.reference_model)
@@ -186,6 +190,17 @@ def measure(
             policy_bias=policy_b,
             ref_bias=ref_b,
         )
+        if proposal is not None:
+            q_w, q_b = lm_head_params(proposal)
+            h_q = completion_hidden(proposal, ids, att, rollout.prompt_length)
+            q_stats = token_stats(
+                h_q[mask],
+                q_w,
+                rollout.completion_ids[sl][mask],
+                chunk_size=chunk_size,
+                policy_bias=q_b,
+            )
+            flat["proposal_logprobs"] = q_stats["logprobs"]
         parts.append({k: scatter_tokens(v, mask) for k, v in flat.items()})
         if keep_ref_hidden:
             ref_hiddens.append(h_ref * mask.unsqueeze(-1))

@@ -262,6 +262,27 @@ def validate_fdpg_config(cfg) -> None:
             f"(got {algo.num_generations}); or set algorithm.fdpg.baseline=none"
         )
     _check_target(cfg, fd)
+    _check_proposal(cfg, fd)
+
+
+def _check_proposal(cfg, fd) -> None:
+    """The offline proposal's update rule compares a divergence the diagnostics estimate."""
+    from kltrain.divergences import get_divergence
+
+    allowed = sorted({*DIAGNOSED_DIVERGENCES, cfg.kl.divergence})
+    name = fd.proposal_divergence
+    if name not in allowed:
+        raise ValueError(
+            f"algorithm.fdpg.proposal_divergence={name!r}: the update rule compares one of the "
+            f"estimated divergences to the target, {allowed}"
+        )
+    hard = fd.target == "constraint" and fd.epsilon == 0
+    params = cfg.kl.divergence_params() if name == cfg.kl.divergence else {}
+    if hard and get_divergence(name, **params).f_prime_at_infinity() == float("inf"):
+        raise ValueError(
+            f"algorithm.fdpg.proposal_divergence={name}: infinite toward a hard constraint while "
+            f"a sample violates it, so the update rule could not compare; use tv, js or forward_kl"
+        )
 
 
 def _default_fdpg():

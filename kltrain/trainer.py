@@ -131,7 +131,8 @@ class Trainer:
             adaptive.horizon if adaptive else None,
         )
         self.algorithm = make_algorithm(cfg)
-        for module in self.algorithm.modules().values():
+        self.algorithm.setup(self.models, mean=self._mean)
+        for module in self._algorithm_modules().values():
             module.to(acc.device)
         groups = self._param_groups()
         self.params = [p for group in groups for p in group["params"]]
@@ -172,6 +173,10 @@ class Trainer:
                 {"params": params} if module_lr is None else {"params": params, "lr": module_lr}
             )
         return groups
+
+    def _algorithm_modules(self) -> dict[str, torch.nn.Module]:
+        """Everything the algorithm owns that a checkpoint holds: trainable and frozen."""
+        return {**self.algorithm.modules(), **self.algorithm.frozen_modules()}
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -243,6 +248,7 @@ class Trainer:
             for p in prompts
         ]
         gen = cfg.generation
+        sampler = self.algorithm.sampling_model(self.models)
         input_ids, attention_mask, completion_mask, prompt_len = generate(
             self.models,
             texts,
@@ -253,6 +259,7 @@ class Trainer:
             top_k=gen.top_k,
             top_p=gen.top_p,
             batch_size=cfg.trainer.generation_batch_size or len(texts),
+            model=sampler,
         )
         if clock:
             clock.lap("time/generate_seconds")
@@ -279,6 +286,7 @@ class Trainer:
             chunk_size=cfg.kl.chunk_size,
             keep_ref_hidden=self._regularised_in_loss() and self.regulariser.exact,
             keep_policy_hidden=self.algorithm.needs_policy_hidden,
+            proposal=None if sampler is self.models.policy else sampler,
         )
         if clock:
             clock.lap("time/measure_seconds")
@@ -520,7 +528,7 @@ class Trainer:
             self.output_dir / "checkpoints",
             step=captured["step"],
             model=self.models.policy,
-            modules=self.algorithm.modules(),
+            modules=self._algorithm_modules(),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             states={**captured["states"], "world_size": self.accelerator.num_processes},
@@ -554,7 +562,7 @@ class Trainer:
         state = checkpoint.load_state(path)
         self._check_config(path, state, allow_config_change)
         checkpoint.load_model(path, self.models.policy)
-        checkpoint.load_modules(path, self.algorithm.modules())
+        checkpoint.load_modules(path, self._algorithm_modules())
         self.optimizer.load_state_dict(checkpoint.load_tensors(path / "optimizer.pt"))
         self.scheduler.load_state_dict(checkpoint.load_tensors(path / "scheduler.pt"))
         self.sampler.load_state_dict(state["sampler"])

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from kltrain.config import config_from_dict
 from kltrain.trainer import Trainer
@@ -97,3 +98,134 @@ def test_fdpg_loss_has_no_regulariser_term(tiny_model, tmp_path):
     trainer = Trainer(fdpg_config(tiny_model, tmp_path / "run", "constraint"))
     assert not trainer.algorithm.uses_regulariser
     assert not trainer._regularised_in_loss()
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline proposal through the loop
+
+
+def offline_config(model, out, max_steps=3):
+    cfg = fdpg_config(model, out, "rlhf")
+    cfg.algorithm.fdpg.proposal = "offline"
+    cfg.trainer.max_steps = max_steps
+    cfg.trainer.learning_rate = 1e-2
+    return cfg
+
+
+def _scripted_decisions(trainer, replace_at: set[int]):
+    """Make the update rule's comparison come out as scripted (step → replace q or not): the
+    divergence estimates themselves are tested on the toy in test_fdpg.py."""
+    algo = trainer.algorithm
+    real = algo.global_mean
+    calls = []
+
+    def mean(values):
+        real(values)  # every process still takes part in the reduction
+        calls.append(None)
+        step, first = (len(calls) + 1) // 2, len(calls) % 2 == 1
+        replace = step in replace_at
+        return (0.0 if replace else 1.0) if first else 0.5  # (policy's, then q's)
+
+    algo.global_mean = mean
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_offline_proposal_generates_and_is_replaced_only_on_improvement(
+    tiny_model, tmp_path, monkeypatch
+):
+    """Every step generates from q; q stays the starting policy while the policy moves, becomes
+    the policy of step 2 (before its update) when step 2's rule fires, then stays again."""
+    import kltrain.trainer as trainer_module
+
+    out = tmp_path / "run"
+    trainer = Trainer(offline_config(tiny_model, out))
+    algo = trainer.algorithm
+    assert algo.proposal is not None and algo.proposal is not trainer.models.policy
+    assert not any(p.requires_grad for p in algo.proposal.parameters())
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not optimised & {id(p) for p in algo.proposal.parameters()}
+    _scripted_decisions(trainer, replace_at={2})
+    seen = []  # (model used, q's weights, the policy's weights) at each generation
+    real_generate = trainer_module.generate
+
+    def spy(models, texts, **kw):
+        seen.append((kw["model"], _snapshot(algo.proposal), _snapshot(models.policy)))
+        return real_generate(models, texts, **kw)
+
+    monkeypatch.setattr(trainer_module, "generate", spy)
+    start = _snapshot(trainer.models.policy)
+    trainer.fit()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["fdpg/proposal_updates"] for r in rows] == [0.0, 1.0, 1.0]
+    for row in rows:
+        for key in ("fdpg/proposal_divergence", "fdpg/policy_divergence", "fdpg/proposal_ess"):
+            assert math.isfinite(row[key]), key
+    assert all(model is algo.proposal for model, _, _ in seen) and len(seen) == 3
+    (_, q1, pi1), (_, q2, pi2), (_, q3, pi3) = seen
+    assert _same(q1, start) and _same(pi1, start) and _same(q2, start)  # q kept, π moved
+    assert not _same(pi2, start)
+    assert _same(q3, pi2) and not _same(q3, pi3)  # replaced by step 2's policy, then kept
+    assert (out / "final" / "model.safetensors").is_file()
+    assert (out / "checkpoints").is_dir()
+
+
+def test_offline_proposal_survives_resume(tiny_model, tmp_path):
+    """The checkpoint holds q (modules/proposal.safetensors) and the update count: resuming the
+    finished run restores the q of step 2, not a fresh copy of the restored policy."""
+    out = tmp_path / "run"
+    trainer = Trainer(offline_config(tiny_model, out))
+    _scripted_decisions(trainer, replace_at={2})
+    trainer.fit()
+    saved_q = _snapshot(trainer.algorithm.proposal)
+    final_policy = _snapshot(trainer.models.policy)
+    assert not _same(saved_q, final_policy)
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    assert (ckpt / "modules" / "proposal.safetensors").is_file()
+    resumed = Trainer(offline_config(tiny_model, out), resume=str(out))
+    assert resumed.state.step == 3
+    assert _same(_snapshot(resumed.models.policy), final_policy)
+    assert _same(_snapshot(resumed.algorithm.proposal), saved_q)
+    assert resumed.algorithm.proposal_updates == 1
+    assert not any(p.requires_grad for p in resumed.algorithm.proposal.parameters())
+
+
+def test_a_proposal_with_tied_weights_round_trips_through_a_checkpoint(tmp_path):
+    """A model copy with tied embeddings (as the embedded model has) is saved once per storage
+    and reloaded through the tie; a plain state-dict save would refuse the shared tensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kltrain import checkpoint
+
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    q = LlamaForCausalLM(config).requires_grad_(False)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    path = checkpoint.save(
+        tmp_path / "ckpt",
+        step=1,
+        model=LlamaForCausalLM(config),
+        optimizer=opt,
+        scheduler=sched,
+        states={},
+        keep_last=1,
+        modules={"proposal": q},
+    )
+    loaded = LlamaForCausalLM(config)
+    checkpoint.load_modules(path, {"proposal": loaded})
+    assert _same(_snapshot(loaded), _snapshot(q))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight

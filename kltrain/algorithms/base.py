@@ -8,6 +8,7 @@ flattened valid tokens of one lm_head chunk.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -77,6 +78,20 @@ class Algorithm(ABC):
         """Trainable modules the algorithm owns (e.g. a value head), by name: the loop moves
         them to the device, optimises them with the policy and saves them as safetensors."""
         return {}
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules the algorithm owns but never optimises (e.g. f-DPG's offline proposal), by
+        name: the loop moves them to the device and saves them in checkpoints, nothing more."""
+        return {}
+
+    def setup(self, models, mean: Callable[[Tensor], float] | None = None) -> None:
+        """Called once by the loop with the placed ``Models`` (before ``modules()`` are read);
+        ``mean`` averages a [B] tensor over every process's samples."""
+        del models, mean
+
+    def sampling_model(self, models) -> torch.nn.Module:
+        """The model that generates the rollouts (default: the policy)."""
+        return models.policy
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -1,24 +1,33 @@
 """f-DPG (Go et al. 2023): minimise ``D_f(π_θ‖p)`` toward a target ``p = π_ref·exp(s)/Z``.
 
 The divergence is the objective, so the loop adds no ``β·D(π‖π_ref)`` (``uses_regulariser``).
-Gradient (MATH.md, f-DPG), for y ~ π_θ (the proposal: the policy at sampling time):
+Gradient (MATH.md, f-DPG), for y ~ q (the proposal: the policy at sampling time by default):
 
-    ∇_θ D_f(π_θ‖p) = E_{y~π_θ}[ f'(u(y)) ∇_θ log π_θ(y) ],   u = π_θ(y)/p(y),
+    ∇_θ D_f(π_θ‖p) = E_{y~q}[ ω(y) f'(u(y)) ∇_θ log π_θ(y) ],   u = π_θ(y)/p(y),  ω = π_θ/q,
     log u = log π_θ(y) − log π_ref(y) − s(y) + log Z(x).
 
-Each sequence gets the advantage ``A = −(f'(u) − b)`` on every completion token, b the mean
-``f'`` of the other samples of its prompt (leave-one-out: unbiased); the loop's plain policy
-gradient ``−A·∇ℓ_t`` summed over tokens is then ``−A·∇log π(y)``. ``Z(x)`` per prompt comes from
-:class:`kltrain.control.LogPartitionEstimate` with log-weights
-``log w = log π_ref(y) + s(y) − log π_θ(y)``; sequence log-probs are sums of the rollout's
-per-token ``logprobs`` / ``ref_logprobs`` over the completion mask.
+Each sequence gets the advantage ``A = −ω·(f'(u) − b)`` on every completion token, b the mean
+``f'`` of the other samples of its prompt (leave-one-out: unbiased, since E_q[ω ∇log π] = 0); the
+loop's plain policy gradient ``−A·∇ℓ_t`` summed over tokens is then ``−A·∇log π(y)``. ``Z(x)`` per
+prompt comes from :class:`kltrain.control.LogPartitionEstimate` with log-weights
+``log w = log π_ref(y) + s(y) − log q(y)``; sequence log-probs are sums of the rollout's per-token
+``logprobs`` / ``ref_logprobs`` / ``proposal_logprobs`` over the completion mask.
+
+``proposal: policy`` (default): q = π_θ at sampling time, ω = 1. ``proposal: offline`` (DPG's
+offline variant, Parshakova et al. 2019; Khalifa et al. 2021, Algorithm 1): q is a frozen copy of
+the policy (initially the starting policy) that generates the samples; after each batch the
+importance-sampled ``D(π_θ‖p) = E_q[ω·t(u)]`` is compared with q's own estimate
+``D(q‖p) = E_q[t(u_q)]`` on the same samples (``t`` the control-variate terms of the
+diagnostics, D = ``proposal_divergence``, TV by default), and q ← π_θ when the policy's is lower.
 
 Shapes: ``[B]`` per sequence, ``[B, T]`` per completion token.
 """
 
 from __future__ import annotations
 
+import copy
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -74,6 +83,27 @@ class Fdpg(Algorithm):
         self.refit_failures = 0
         self.fitted = self.lambdas is not None
         self.diagnosed = self._diagnosed_divergences()
+        self.offline = self.settings.proposal == "offline"
+        self.proposal: torch.nn.Module | None = None  # the frozen q (offline, once set up)
+        self._policy: torch.nn.Module | None = None
+        self.proposal_updates = 0
+        self.global_mean: Callable[[Tensor], float] = lambda v: float(v.double().mean())
+
+    # ------------------------------------------------------------------------------------------
+    def setup(self, models, mean: Callable[[Tensor], float] | None = None) -> None:
+        """Offline proposal: q = a frozen copy of the (already placed) policy. ``mean`` averages
+        a [B] tensor over every process's samples, so all processes take the same decision."""
+        if mean is not None:
+            self.global_mean = mean
+        if self.offline:
+            self._policy = models.policy
+            self.proposal = copy.deepcopy(models.policy).eval().requires_grad_(False)
+
+    def sampling_model(self, models) -> torch.nn.Module:
+        return self.proposal if self.proposal is not None else models.policy
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        return {"proposal": self.proposal} if self.proposal is not None else {}
 
     def _diagnosed_divergences(self) -> dict[str, Divergence]:
         """Forward KL, reverse KL, TV, JS and the trained f; toward a hard constraint (p = 0
@@ -88,18 +118,26 @@ class Fdpg(Algorithm):
         del penalty  # uses_regulariser is False: D_f(π‖p) is the objective itself
         self.steps += 1
         mask = rollout.completion_mask
-        log_q = (rollout.stats["logprobs"].double() * mask).sum(dim=1)  # proposal: π at sampling
+        log_pi = (rollout.stats["logprobs"].double() * mask).sum(dim=1)  # π at sampling time
         log_ref = (rollout.stats["ref_logprobs"].double() * mask).sum(dim=1)
+        log_q = log_pi  # the proposal that generated the samples
+        if self.offline:
+            log_q = (rollout.stats["proposal_logprobs"].double() * mask).sum(dim=1)
         keys = list(rollout.prompt_indices)
         score, metrics = self.log_scores(rollout, rewards, log_ref - log_q, keys)
-        log_w = log_ref + score - log_q  # log of π_ref·e^s / π: Z's importance weights
+        log_w = log_ref + score - log_q  # log of π_ref·e^s / q: Z's importance weights
         log_z = self.log_z.update(keys, log_w).to(log_w.device)
-        log_u = torch.where(torch.isneginf(score), torch.inf, log_q - log_ref - score + log_z)
+        violated = torch.isneginf(score)
+        log_u = torch.where(violated, torch.inf, log_pi - log_ref - score + log_z)
+        weight = torch.exp(log_pi - log_q)  # ω = π/q (1 on-policy)
         pseudo, clipped = self.pseudo_reward(log_u)
-        baseline = self.baseline(pseudo)
-        seq_adv = -(pseudo - baseline)
+        baseline = self.baseline(pseudo, weight if self.offline else None)
+        seq_adv = -weight * (pseudo - baseline)
         advantages = (seq_adv.unsqueeze(1) * mask).float()
-        metrics.update(self.diagnostics(rollout, log_u, log_w, keys, pseudo, clipped))
+        metrics.update(self.diagnostics(rollout, log_u, log_w, keys, pseudo, clipped, weight))
+        if self.offline:
+            log_u_q = torch.where(violated, torch.inf, log_q - log_ref - score + log_z)
+            metrics.update(self.update_proposal(log_u, log_u_q, weight, log_pi - log_q))
         metrics["advantage/mean"] = float(seq_adv.mean())
         metrics["advantage/std"] = float(seq_adv.std(unbiased=False)) if len(keys) > 1 else 0.0
         return TrainBatch(rollout, advantages, metrics=metrics)
@@ -166,20 +204,53 @@ class Fdpg(Algorithm):
             log_u = torch.where(clipped, floor.to(log_u.device), log_u)
         return f_prime_of_log_ratio(self.divergence, log_u), clipped
 
-    def baseline(self, pseudo: Tensor) -> Tensor:
-        """Leave-one-out mean of ``f'`` within each prompt's k samples (or 0)."""
+    def baseline(self, pseudo: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Leave-one-out mean of ``f'`` within each prompt's k samples (or 0); with importance
+        weights ω, the ω-weighted mean of the others (an estimate of E_π[f'], still independent
+        of the sample itself)."""
         k = self.cfg.algorithm.num_generations
         if self.settings.baseline == "none":
             return torch.zeros_like(pseudo)
-        return leave_one_out_mean(pseudo, k)
+        if weight is None:
+            return leave_one_out_mean(pseudo, k)
+        num = leave_one_out_mean(weight * pseudo, k)
+        den = leave_one_out_mean(weight, k)
+        return torch.where(den > 0, num / den.clamp_min(1e-300), 0.0)
+
+    def update_proposal(
+        self, log_u: Tensor, log_u_q: Tensor, weight: Tensor, log_weight: Tensor
+    ) -> dict[str, float]:
+        """DPG's rule: q ← π when the importance-sampled ``D(π‖p)`` (``proposal_divergence``)
+        is below q's own on the same samples, both averaged over every process's samples."""
+        d = self.diagnosed[self.settings.proposal_divergence]
+        d_policy = self.global_mean(weight * divergence_terms(d, log_u))
+        d_proposal = self.global_mean(divergence_terms(d, log_u_q))
+        if d_policy < d_proposal:
+            self.proposal_updates += 1
+            if self.proposal is not None:
+                self.proposal.load_state_dict(self._policy.state_dict())
+        return {
+            "fdpg/proposal_updates": float(self.proposal_updates),
+            "fdpg/proposal_divergence": d_proposal,
+            "fdpg/policy_divergence": d_policy,
+            "fdpg/proposal_ess": effective_sample_fraction(log_weight),
+        }
 
     # ------------------------------------------------------------------------------------------
     def diagnostics(
-        self, rollout: Rollout, log_u: Tensor, log_w: Tensor, keys: list, pseudo, clipped
+        self,
+        rollout: Rollout,
+        log_u: Tensor,
+        log_w: Tensor,
+        keys: list,
+        pseudo,
+        clipped,
+        weight: Tensor,
     ) -> dict[str, float]:
-        """Divergences to the target, Z, effective sample size, clipping, distinct-n."""
+        """Divergences to the target (weighted by ω = π/q), Z, effective sample size, clipping,
+        distinct-n."""
         out = {
-            f"fdpg/target_divergence/{name}": float(divergence_terms(d, log_u).mean())
+            f"fdpg/target_divergence/{name}": float((weight * divergence_terms(d, log_u)).mean())
             for name, d in self.diagnosed.items()
         }
         by_key: dict[Any, list[int]] = {}
@@ -212,6 +283,7 @@ class Fdpg(Algorithm):
             "lambdas": lambdas,
             "fitted": self.fitted,
             "steps": self.steps,
+            "proposal_updates": self.proposal_updates,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -220,3 +292,4 @@ class Fdpg(Algorithm):
         self.lambdas = None if lambdas is None else torch.tensor(lambdas, dtype=torch.float64)
         self.fitted = bool(state["fitted"])
         self.steps = int(state["steps"])
+        self.proposal_updates = int(state.get("proposal_updates", 0))
