@@ -34,7 +34,7 @@ from kltrain.checkpoint import CheckpointError
 from kltrain.config import load_config
 from kltrain.preemption import EXIT_PREEMPTED
 from kltrain.trainer import Trainer
-from tests.helpers.resume_runs import REPO, Zygote, write_config
+from tests.helpers.resume_runs import REPO, Zygote, child_pythonpath, write_config
 from tests.helpers.tiny import make_tiny_model_dir
 
 #: What test_resume asserts about the time from a stop signal to the process exit on the tiny
@@ -151,7 +151,7 @@ def test_sigusr1_then_sigterm_under_slurm_saves_once_and_requeues_the_array_task
     proc_env = {
         **os.environ,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": child_pythonpath(),
         "SLURM_JOB_ID": "1001",
         "SLURM_ARRAY_JOB_ID": "1000",
         "SLURM_ARRAY_TASK_ID": "3",

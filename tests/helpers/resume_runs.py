@@ -35,6 +35,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 
+def child_pythonpath() -> str:
+    """This checkout first, then whatever PYTHONPATH the parent had (kept: it may carry the
+    dependencies, as on machines that install them outside the interpreter)."""
+    parent = os.environ.get("PYTHONPATH")
+    return os.pathsep.join([str(REPO), parent] if parent else [str(REPO)])
+
+
 def _install_kill(kill: dict[str, Any]) -> None:
     from kltrain import checkpoint
     from kltrain.trainer import Trainer
@@ -134,7 +141,7 @@ class Zygote:
     """Client side: start the zygote once, then ``run(argv, kill)`` → (rc, signal)."""
 
     def __init__(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": "PASSIVE"}
+        env = {**os.environ, "PYTHONPATH": child_pythonpath(), "OMP_WAIT_POLICY": "PASSIVE"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.helpers.resume_runs"],
             cwd=REPO,
