@@ -75,18 +75,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    from kltrain.algorithms import describe_objective
     from kltrain.objective import build_regulariser
 
-    reg = build_regulariser(cfg.kl)
-    if cfg.algorithm.name == "fdpg":  # the divergence is the objective, not a regulariser
-        from kltrain.algorithms.fdpg import gradient_description
-
-        followed, line = gradient_description(cfg)
-        print(to_yaml(cfg, {"gradient_followed": followed}), end="")
-        print(f"# ok: fdpg {line}")
-        return 0
-    print(to_yaml(cfg, {"gradient_followed": reg.gradient.key}), end="")
-    print(f"# ok: {reg.metric_name} in the {reg.placement} follows the {reg.gradient.key} gradient")
+    followed, line = describe_objective(cfg, build_regulariser(cfg.kl))
+    print(to_yaml(cfg, {"gradient_followed": followed}), end="")
+    print(f"# ok: {cfg.algorithm.name}, {line}")
     return 0
 
 

@@ -66,15 +66,9 @@ class RunLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.history = truncate_jsonl(self.dir / "metrics.jsonl", first_step)
         truncate_jsonl(self.dir / "samples.jsonl", first_step)
-        followed = regulariser.gradient.key
-        line = (
-            f"{regulariser.metric_name} in the {regulariser.placement}: follows the "
-            f"{followed} gradient ({regulariser.gradient.explanation})"
-        )
-        if self.cfg.algorithm.name == "fdpg":  # the divergence is the objective
-            from kltrain.algorithms.fdpg import gradient_description
+        from kltrain.algorithms import describe_objective
 
-            followed, line = gradient_description(self.cfg)
+        followed, line = describe_objective(self.cfg, regulariser)
         extra = {
             "versions": library_versions(),
             "gradient_followed": followed,

@@ -12,13 +12,22 @@ from kltrain.config import RunConfig
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Rloo, Grpo, Ppo, Fdpg)}
 
 
+def describe_objective(cfg: RunConfig, regulariser) -> tuple[str, str]:
+    """(``gradient_followed`` key, console line) of the configured algorithm, unbuilt."""
+    return _algorithm_class(cfg).describe_objective(cfg, regulariser)
+
+
 def make_algorithm(cfg: RunConfig) -> Algorithm:
+    return _algorithm_class(cfg)(cfg)
+
+
+def _algorithm_class(cfg: RunConfig) -> type[Algorithm]:
     name = cfg.algorithm.name
     if name not in ALGORITHMS:
         raise ValueError(
             f"algorithm.name={name!r} is not available; choose one of {sorted(ALGORITHMS)}"
         )
-    return ALGORITHMS[name](cfg)
+    return ALGORITHMS[name]
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "TrainBatch", "make_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "TrainBatch", "describe_objective", "make_algorithm"]

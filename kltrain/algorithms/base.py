@@ -55,6 +55,19 @@ class Algorithm(ABC):
         detached per-token stats ("clipped", "approx_kl", "ratio")."""
         return token_policy_loss(logprobs, old_logprobs, advantages, self.clip_range)
 
+    @classmethod
+    def describe_objective(cls, cfg: RunConfig, regulariser) -> tuple[str, str]:
+        """(the key recorded as ``gradient_followed``, one console line): which gradient the run
+        follows. By default that of the ``kl.*`` regulariser; f-DPG, whose objective is the
+        divergence to a target, says so instead."""
+        del cfg
+        g = regulariser.gradient
+        line = (
+            f"{regulariser.metric_name} in the {regulariser.placement}: follows the {g.key} "
+            f"gradient ({g.explanation})"
+        )
+        return g.key, line
+
     def hidden_loss(
         self, hidden: Tensor, batch: TrainBatch, rows: Tensor, num_tokens: int
     ) -> Tensor | None:

@@ -70,6 +70,11 @@ class Fdpg(Algorithm):
     name = "fdpg"
     uses_regulariser = False
 
+    @classmethod
+    def describe_objective(cls, cfg: RunConfig, regulariser) -> tuple[str, str]:
+        del regulariser  # the loop adds no β·D(π‖π_ref): D is the objective
+        return gradient_description(cfg)
+
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         self.settings: FdpgConfig = cfg.algorithm.fdpg or FdpgConfig()
