@@ -23,7 +23,7 @@ from kltrain.config import ConfigError, config_from_dict
 from kltrain.rollout import Rollout
 from kltrain.trainer import Trainer
 from kltrain.value_head import ValueHead
-from tests.helpers.tiny import make_tiny_model_dir
+from tests.helpers.tiny import loop_config_raw, make_tiny_model_dir, update_sections
 from tests.test_algorithms import _bandit_rollout, _problem, reverse_kl_optimum
 
 F64 = torch.float64
@@ -36,31 +36,15 @@ def tiny_model(tmp_path_factory):
 
 
 def ppo_raw(model: str = "unused", out=None, **sections) -> dict:
-    raw = {
-        "name": "tiny_ppo",
-        "model": {"policy": model},
-        "data": {
-            "prompts": "builtin:movie_reviews",
-            "chat_template": "off",
-            "max_prompt_tokens": 16,
-        },
-        "generation": {"max_new_tokens": 6},
-        "reward": {"terms": [{"name": "tests.helpers.loop_rewards:letter_e_count"}]},
-        "kl": {"divergence": "reverse_kl", "estimator": "k1", "placement": "reward", "coef": 0.1},
-        "algorithm": {"name": "ppo", "num_generations": 2, "epochs": 2, "num_minibatches": 2},
-        "trainer": {
-            "max_steps": 2,
-            "prompts_per_step": 2,
-            "micro_batch_size": 4,
-            "learning_rate": 1e-3,
-            "output_dir": str(out),
-            "log_samples_every": 1,
-        },
-        "tracking": {"wandb": {"mode": "disabled"}, "progress": False},
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return raw
+    """The loop tests' tiny config with PPO: k1 in the reward, 2 epochs × 2 minibatches."""
+    raw = loop_config_raw(
+        model,
+        out,
+        kl={"estimator": "k1", "placement": "reward"},
+        algorithm={"name": "ppo", "epochs": 2, "num_minibatches": 2},
+    )
+    raw["name"] = "tiny_ppo"
+    return update_sections(raw, sections)
 
 
 def metric_rows(out) -> list[dict]:

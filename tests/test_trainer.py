@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from kltrain.config import config_from_dict
 from kltrain.trainer import Trainer
-from tests.helpers.tiny import make_tiny_model_dir
+from tests.helpers.tiny import loop_config_raw, make_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -21,31 +21,7 @@ def tiny_model(tmp_path_factory):
 
 
 def tiny_config(model_path: str, out, **sections):
-    raw = {
-        "name": "tiny",
-        "model": {"policy": model_path},
-        "data": {
-            "prompts": "builtin:movie_reviews",
-            "chat_template": "off",
-            "max_prompt_tokens": 16,
-        },
-        "generation": {"max_new_tokens": 6},
-        "reward": {"terms": [{"name": "tests.helpers.loop_rewards:letter_e_count"}]},
-        "kl": {"divergence": "reverse_kl", "estimator": "exact", "placement": "loss", "coef": 0.1},
-        "algorithm": {"name": "rloo", "num_generations": 2},
-        "trainer": {
-            "max_steps": 2,
-            "prompts_per_step": 2,
-            "micro_batch_size": 4,
-            "learning_rate": 1e-3,
-            "output_dir": str(out),
-            "log_samples_every": 1,
-        },
-        "tracking": {"wandb": {"mode": "disabled"}, "progress": False},
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return config_from_dict(raw)
+    return config_from_dict(loop_config_raw(model_path, out, **sections))
 
 
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "js"])

@@ -67,3 +67,38 @@ def make_tiny_model_dir(path: Path, seed: int = 0, hidden: int = 32, layers: int
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
+
+
+def loop_config_raw(model_path: str, out, **sections) -> dict:
+    """A raw config for 2 quick steps of the loop on a tiny model: RLOO, exact reverse KL in
+    the loss, a reward tiny models can move, no W&B. ``sections`` update a section's keys."""
+    raw = {
+        "name": "tiny",
+        "model": {"policy": str(model_path)},
+        "data": {
+            "prompts": "builtin:movie_reviews",
+            "chat_template": "off",
+            "max_prompt_tokens": 16,
+        },
+        "generation": {"max_new_tokens": 6},
+        "reward": {"terms": [{"name": "tests.helpers.loop_rewards:letter_e_count"}]},
+        "kl": {"divergence": "reverse_kl", "estimator": "exact", "placement": "loss", "coef": 0.1},
+        "algorithm": {"name": "rloo", "num_generations": 2},
+        "trainer": {
+            "max_steps": 2,
+            "prompts_per_step": 2,
+            "micro_batch_size": 4,
+            "learning_rate": 1e-3,
+            "output_dir": str(out),
+            "log_samples_every": 1,
+        },
+        "tracking": {"wandb": {"mode": "disabled"}, "progress": False},
+    }
+    return update_sections(raw, sections)
+
+
+def update_sections(raw: dict, sections: dict) -> dict:
+    """Update each named section's keys in place (other keys of the section are kept)."""
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
