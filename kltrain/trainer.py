@@ -224,9 +224,10 @@ class Trainer:
             **self._divergence_metrics(rollout),
             **batch.metrics,
             **update_metrics,
-            f"train/{self.regulariser.metric_name}": trained,
-            "train/coef": self.coef.value,
         }
+        if self.algorithm.uses_regulariser:  # under f-DPG, kl.* names the objective instead
+            metrics[f"train/{self.regulariser.metric_name}"] = trained
+            metrics["train/coef"] = self.coef.value
         if update_metrics["train/applied"] and math.isfinite(trained):
             self.coef.update(trained, n_steps=self._global_count(rollout.num_sequences))
         self.state.step = step

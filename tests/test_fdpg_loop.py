@@ -82,6 +82,8 @@ def test_two_fdpg_steps_write_the_run_folder(tiny_model, tmp_path, target):
         assert 0 < row["fdpg/ess"] <= 1
         assert math.isfinite(row["train/loss"])
         assert "divergence/reverse_kl" in row and "completion/entropy_per_token" in row
+        # no regulariser is trained under f-DPG, so none is reported as trained
+        assert "train/coef" not in row and not any(k.endswith("/exact") for k in row)
     if target == "moments":
         assert {"fdpg/lambda/tests.helpers.fdpg_rewards:has_letter_e"} <= set(rows[-1])
     # the run's state carries the per-prompt Z estimates
