@@ -17,6 +17,7 @@ from kltrain.divergences import (
     get_divergence,
     token_divergence,
 )
+from tests.helpers.naive_f import NAIVE_F, NAIVE_FP
 
 # (name, params) covering every built-in, alpha on both sides of 1 and below 0.
 CASES = [
@@ -53,27 +54,6 @@ def np_divergence(name: str, params: dict, p: np.ndarray, q: np.ndarray) -> np.n
 
 def np_probs(logits: torch.Tensor) -> np.ndarray:
     return sps.softmax(logits.double().numpy(), axis=-1)
-
-
-# MATH.md's f table, written out again independently of kltrain (float64).
-NAIVE_F = {
-    "reverse_kl": lambda u, _: u * torch.log(u),
-    "forward_kl": lambda u, _: -torch.log(u),
-    "js": lambda u, _: 0.5 * (u * torch.log(u) - (u + 1) * torch.log((u + 1) / 2)),
-    "tv": lambda u, _: 0.5 * torch.abs(u - 1),
-    "alpha": lambda u, a: (u**a - a * u - (1 - a)) / (a * (a - 1)),
-    "hellinger": lambda u, _: (torch.sqrt(u) - 1) ** 2,
-    "chi2": lambda u, _: (u - 1) ** 2,
-}
-NAIVE_FP = {
-    "reverse_kl": lambda u, _: torch.log(u) + 1,
-    "forward_kl": lambda u, _: -1 / u,
-    "js": lambda u, _: 0.5 * torch.log(2 * u / (u + 1)),
-    "tv": lambda u, _: 0.5 * torch.sign(u - 1),
-    "alpha": lambda u, a: (u ** (a - 1) - 1) / (a - 1),
-    "hellinger": lambda u, _: 1 - 1 / torch.sqrt(u),
-    "chi2": lambda u, _: 2 * (u - 1),
-}
 
 
 def naive_divergence(name, params, z, zq):

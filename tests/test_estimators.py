@@ -17,20 +17,11 @@ from kltrain.estimators import (
     estimate,
     gradient_followed,
 )
+from tests.helpers.naive_f import NAIVE_F
 
 DT = torch.float64
 SAMPLED = [e for e in ESTIMATOR_NAMES if e != "exact"]
 
-# MATH.md's f table, written again independently of kltrain.
-NAIVE_F = {
-    "reverse_kl": lambda u, _: u * torch.log(u),
-    "forward_kl": lambda u, _: -torch.log(u),
-    "js": lambda u, _: 0.5 * (u * torch.log(u) - (u + 1) * torch.log((u + 1) / 2)),
-    "tv": lambda u, _: 0.5 * torch.abs(u - 1),
-    "alpha": lambda u, a: (u**a - a * u - (1 - a)) / (a * (a - 1)),
-    "hellinger": lambda u, _: (torch.sqrt(u) - 1) ** 2,
-    "chi2": lambda u, _: (u - 1) ** 2,
-}
 DIVS = [
     ("reverse_kl", {}),
     ("forward_kl", {}),
