@@ -115,6 +115,7 @@ class Trainer:
         if not resume:
             _refuse_existing_checkpoints(self.output_dir)
         self.regulariser = build_regulariser(cfg.kl)
+        prompts_per_process(cfg, acc.num_processes)  # the step's prompts split evenly: check now
         self.models: Models = load_models(cfg.model)
         self.models.policy.to(acc.device)
         if self.models.reference is not None:
@@ -240,7 +241,6 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         k = cfg.algorithm.num_generations
         global_indices = self.sampler.next_batch(cfg.trainer.prompts_per_step)
-        prompts_per_process(cfg, acc.num_processes)  # validates the even split
         indices = process_share(global_indices, acc.process_index, acc.num_processes)
         seq_indices = [i for i in indices for _ in range(k)]  # contiguous groups of k
         prompts = [self.dataset[i]["prompt"] for i in seq_indices]

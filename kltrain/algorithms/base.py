@@ -137,13 +137,13 @@ class GroupBaselineAlgorithm(Algorithm):
         valid = mask.any(dim=1)  # the loop clears the mask of samples whose reward is invalid
         baseline, scale = self.baseline_and_scale(totals, self.cfg.algorithm.num_generations, valid)
         earlier = torch.cumsum(penalty, dim=1) - penalty  # Σ_{t'<t} β·d_t'
-        advantages = ((totals - baseline) / scale).unsqueeze(1) + earlier / scale.unsqueeze(1)
-        advantages = advantages * mask
-        seq_adv = ((totals - baseline) / scale)[valid]
+        seq_adv = (totals - baseline) / scale
+        advantages = (seq_adv.unsqueeze(1) + earlier / scale.unsqueeze(1)) * mask
+        shown = seq_adv[valid]
         return TrainBatch(
             rollout,
             advantages,
-            metrics={"advantage/mean": seq_adv.mean().item(), "advantage/std": _std(seq_adv)},
+            metrics={"advantage/mean": shown.mean().item(), "advantage/std": _std(shown)},
         )
 
 
