@@ -70,14 +70,12 @@ class TrainerState:
     consecutive_skips: int = 0
     skipped_steps: int = 0
     wandb_run_id: str = field(default_factory=lambda: secrets.token_hex(4))
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "consecutive_skips": self.consecutive_skips,
             "skipped_steps": self.skipped_steps,
             "wandb_run_id": self.wandb_run_id,
-            "extra": self.extra,
         }
 
     def load_state_dict(self, state: dict[str, Any], step: int) -> None:
@@ -85,7 +83,6 @@ class TrainerState:
         self.consecutive_skips = int(state["consecutive_skips"])
         self.skipped_steps = int(state["skipped_steps"])
         self.wandb_run_id = str(state["wandb_run_id"])
-        self.extra = dict(state.get("extra", {}))
 
 
 class Trainer:
