@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors about the user's input: one clear message, no traceback."""
     from kltrain.data import DataError
-    from kltrain.models import ModelError
+    from kltrain.models.errors import ModelError
     from kltrain.rewards import RewardError
 
     return (ConfigError, DataError, ModelError, RewardError)
@@ -87,8 +87,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     resume, overrides = _split_resume(args.resume, args.overrides)
     cfg = load_config(args.config, overrides)
-    from kltrain.preemption import Preempted
-    from kltrain.trainer import Trainer, TrainingStopped
+    from kltrain.training.preemption import Preempted
+    from kltrain.training.trainer import Trainer, TrainingStopped
 
     try:
         Trainer(cfg, resume=resume, allow_config_change=args.allow_config_change).fit()
@@ -111,8 +111,8 @@ def _split_resume(resume: str | None, overrides: list[str]) -> tuple[str | None,
 
 def cmd_divergences(args: argparse.Namespace) -> int:
     del args
-    from kltrain.divergences import describe_divergences
-    from kltrain.estimators import describe_estimators
+    from kltrain.divergence.estimators import describe_estimators
+    from kltrain.divergence.functions import describe_divergences
 
     print("Divergences D(policy‖reference) (kl.divergence):")
     for name, line in describe_divergences():

@@ -8,6 +8,7 @@ Derived sizes (per-process batch shares) are pure functions of (config, world si
 from __future__ import annotations
 
 import difflib
+import math
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +16,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DivergenceName = str  # validated against kltrain.divergences at load time (built-in or "module:f")
+from kltrain.divergence.estimators import EstimatorName, Placement
+from kltrain.divergence.functions import get_divergence
+
+DivergenceName = (
+    str  # validated against kltrain.divergence.functions at load time (built-in or "module:f")
+)
 
 
 class ConfigError(ValueError):
@@ -99,8 +105,8 @@ class KLConfig(Section):
     """Parameter of the `alpha` divergence (α ∉ {0, 1})."""
     f_prime: str | None = None
     """For a user f given as `module:f`: its derivative as `module:fp` (else autograd)."""
-    estimator: Literal["exact", "k1", "k2", "k3", "f_plain", "f_cv"] = "exact"
-    placement: Literal["loss", "reward", "both"] = "loss"
+    estimator: EstimatorName = "exact"
+    placement: Placement = "loss"
     coef: float = Field(0.05, ge=0.0)
     """β. β = 0 keeps the reference (for metrics) but removes the divergence from the objective."""
     adaptive: AdaptiveCoefConfig | None = None
@@ -157,10 +163,15 @@ class PPOConfig(Section):
     own transformer trunk plus a linear head, trained with the policy's optimiser."""
 
 
+FdpgTarget = Literal["rlhf", "constraint", "moments"]
+#: Divergences to the f-DPG target estimated every step (and the trained one if not among them).
+DIAGNOSED_DIVERGENCES = ("forward_kl", "reverse_kl", "tv", "js")
+
+
 class FdpgConfig(Section):
     """f-DPG (`algorithm.name: fdpg`): minimise D_f(π‖p) toward a target p (kltrain/targets.py)."""
 
-    target: Literal["rlhf", "constraint", "moments"] = "rlhf"
+    target: FdpgTarget = "rlhf"
     """`rlhf`: π_ref·exp(R/β), β = kl.coef; `constraint`: π_ref·b, b = product of the reward
     terms (each 0/1); `moments`: π_ref·exp(λ·φ), φ_k = reward term k, E_p[φ] = `moments`."""
     epsilon: float = Field(0.0, ge=0.0, lt=1.0)
@@ -270,8 +281,6 @@ class RunConfig(Section):
             )
         _validate_ppo(self)
         if algo.name == "fdpg" or algo.fdpg is not None:
-            from kltrain.targets import validate_fdpg_config
-
             validate_fdpg_config(self)
         return self
 
@@ -302,12 +311,134 @@ def _validate_ppo(cfg: RunConfig) -> None:
 
 def _validate_divergence(kl: KLConfig) -> None:
     """Resolve the divergence now, so a bad name or parameter fails at load time."""
-    from kltrain.divergences import get_divergence
-
     try:
         get_divergence(kl.divergence, **kl.divergence_params())
     except (ValueError, ImportError, AttributeError, TypeError) as err:
         raise ValueError(f"kl.divergence: {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------
+# f-DPG rules (called by RunConfig's validator; each message names the key and what is valid)
+
+
+def validate_fdpg_config(cfg) -> None:
+    """Refuse settings that do not apply under ``algorithm.name: fdpg`` instead of ignoring them."""
+    algo, kl, gen = cfg.algorithm, cfg.kl, cfg.generation
+    if algo.name != "fdpg":
+        raise ValueError(
+            f"algorithm.fdpg is set but algorithm.name={algo.name!r}; set algorithm.name=fdpg "
+            f"or remove algorithm.fdpg"
+        )
+    fd = algo.fdpg or FdpgConfig()
+    _check_kl(kl)
+    _check_sampling(gen)
+    if cfg.reward.on_invalid != "error":
+        raise ValueError(
+            "reward.on_invalid=skip is not supported by fdpg (a skipped sample would bias the "
+            "importance-sampled Z); use reward.on_invalid=error"
+        )
+    if fd.baseline == "leave_one_out" and algo.num_generations < 2:
+        raise ValueError(
+            "algorithm.fdpg.baseline=leave_one_out needs algorithm.num_generations ≥ 2 "
+            f"(got {algo.num_generations}); or set algorithm.fdpg.baseline=none"
+        )
+    _check_target(cfg, fd)
+    _check_proposal(cfg, fd)
+
+
+def _check_proposal(cfg, fd) -> None:
+    """The offline proposal's update rule compares a divergence the diagnostics estimate."""
+    allowed = sorted({*DIAGNOSED_DIVERGENCES, cfg.kl.divergence})
+    name = fd.proposal_divergence
+    if name not in allowed:
+        raise ValueError(
+            f"algorithm.fdpg.proposal_divergence={name!r}: the update rule compares one of the "
+            f"estimated divergences to the target, {allowed}"
+        )
+    hard = fd.target == "constraint" and fd.epsilon == 0
+    params = cfg.kl.divergence_params() if name == cfg.kl.divergence else {}
+    if hard and get_divergence(name, **params).f_prime_at_infinity() == float("inf"):
+        raise ValueError(
+            f"algorithm.fdpg.proposal_divergence={name}: infinite toward a hard constraint while "
+            f"a sample violates it, so the update rule could not compare; use tv, js or forward_kl"
+        )
+
+
+def _check_kl(kl) -> None:
+    why = (
+        "under algorithm.name=fdpg the divergence is the sequence-level objective D_f(π‖p), "
+        "estimated from sequence log-probs (MATH.md, f-DPG), not a per-token regulariser"
+    )
+    if kl.estimator != "exact" or kl.placement != "loss":
+        raise ValueError(
+            f"kl.estimator={kl.estimator} / kl.placement={kl.placement}: {why}; leave both at "
+            f"their defaults (exact, loss)"
+        )
+    if kl.adaptive is not None:
+        raise ValueError(f"kl.adaptive: {why}, and β defines the target; remove kl.adaptive")
+    if kl.accept_gradient is not None:
+        raise ValueError(f"kl.accept_gradient: {why}; remove it")
+
+
+def _check_sampling(gen) -> None:
+    changed = {
+        "generation.temperature": (gen.temperature, 1.0),
+        "generation.top_k": (gen.top_k, 0),
+        "generation.top_p": (gen.top_p, 1.0),
+        "generation.min_new_tokens": (gen.min_new_tokens, 0),
+    }
+    for key, (value, needed) in changed.items():
+        if value != needed:
+            raise ValueError(
+                f"{key}={value}: fdpg's importance weights need samples drawn from π itself; "
+                f"set {key}={needed}"
+            )
+
+
+def _check_target(cfg, fd) -> None:
+    terms = cfg.reward.terms
+    if fd.target != "constraint" and fd.epsilon:
+        raise ValueError("algorithm.fdpg.epsilon softens a constraint; it needs target=constraint")
+    if fd.target != "moments":
+        for key in ("moments", "lambdas"):
+            if getattr(fd, key) is not None:
+                raise ValueError(f"algorithm.fdpg.{key} needs target=moments")
+        if fd.refit_every:
+            raise ValueError("algorithm.fdpg.refit_every needs target=moments")
+    if fd.target == "rlhf":
+        if cfg.kl.coef <= 0:
+            raise ValueError("kl.coef (β of the target π_ref·exp(R/β)) must be > 0 for target rlhf")
+        return
+    if "coef" in cfg.kl.model_fields_set:
+        raise ValueError(
+            f"kl.coef is β of target rlhf; target {fd.target} does not use it: remove kl.coef"
+        )
+    for i, term in enumerate(terms):
+        if term.weight != 1.0:
+            raise ValueError(
+                f"reward.terms[{i}].weight={term.weight}: target {fd.target} uses each term "
+                f"as is (a 0/1 constraint or a feature φ_k); remove the weight"
+            )
+    if fd.target == "constraint":
+        divergence = get_divergence(cfg.kl.divergence, **cfg.kl.divergence_params())
+        if fd.epsilon == 0 and not math.isfinite(divergence.f_prime_at_infinity()):
+            raise ValueError(
+                f"kl.divergence={divergence.name} toward target constraint: D_f(π‖p) is infinite "
+                f"while the policy gives any probability to completions that violate the "
+                f"constraint (f'(∞) = ∞, MATH.md). Set algorithm.fdpg.epsilon in (0, 1) to soften "
+                f"the target (b_ε = ε + (1 − ε)·b), or use forward_kl, js, tv, hellinger or alpha "
+                f"with α < 1"
+            )
+        return
+    if fd.moments is None or len(fd.moments) != len(terms):
+        raise ValueError(
+            f"algorithm.fdpg.moments: target moments needs one target moment per reward term "
+            f"({len(terms)}); got {fd.moments}"
+        )
+    if fd.lambdas is not None and len(fd.lambdas) != len(terms):
+        raise ValueError(
+            f"algorithm.fdpg.lambdas: one λ per reward term ({len(terms)}); got {fd.lambdas}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from kltrain.config import ConfigError, KLConfig
-from kltrain.divergences import Divergence, get_divergence
-from kltrain.estimators import GradientFollowed, estimate, gradient_followed
+from kltrain.divergence.estimators import GradientFollowed, estimate, gradient_followed
+from kltrain.divergence.functions import Divergence, get_divergence
 
 #: Divergences every run logs, exactly over the vocabulary, so runs are comparable on one axis.
 LOGGED_DIVERGENCES = ("reverse_kl", "forward_kl", "js")

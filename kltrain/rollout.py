@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from kltrain.chunked import token_stats
-from kltrain.divergences import Divergence
-from kltrain.models import Models, final_hidden_states, lm_head_params
+from kltrain.divergence.functions import Divergence
+from kltrain.divergence.lm_head import token_stats
+from kltrain.models.loading import Models
+from kltrain.models.logits import final_hidden_states, lm_head_params
 
 
 @dataclass

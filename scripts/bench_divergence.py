@@ -6,7 +6,7 @@ For each (tokens N, vocab V) with hidden H, times forward+backward of loss = Σ_
 memory beyond the inputs, for
 
 - plain:   fp32 logits [N, V] for both models, token_divergence, autograd;
-- chunked: kltrain.chunked.fused_token_loss (gradient formed inside the chunk loop);
+- chunked: kltrain.divergence.lm_head.fused_token_loss (gradient formed inside the chunk loop);
 - matmul limit: the four lm_head GEMMs the chunked path does (policy fwd, ref fwd, G @ W, Gᵀ h),
   timed alone on the same device/dtype/shapes in the same run; 4·2·N·H·V FLOPs.
 
@@ -33,8 +33,8 @@ import time
 
 import torch
 
-from kltrain.chunked import fused_token_loss
-from kltrain.divergences import token_divergence
+from kltrain.divergence.functions import token_divergence
+from kltrain.divergence.lm_head import fused_token_loss
 
 # fp32 [N, V] buffers the plain path keeps alive at its peak (both logits, both log-softmaxes,
 # terms, and their gradients), measured on CPU at N=1024, V=49152; used to skip cases that
@@ -73,7 +73,7 @@ def run_chunked(x, divergence, chunk_size):
 
 def run_matmuls(x, divergence, chunk_size):
     """Exactly the chunked path's GEMMs (same shapes, dtypes and fp32 outputs), nothing else."""
-    from kltrain.chunked import _Head
+    from kltrain.divergence.lm_head import _Head
 
     head, ref = _Head(x["h"], x["w"], None), _Head(x["rh"], x["rw"], None)
     n = x["h"].shape[0]
@@ -191,7 +191,8 @@ def parse(argv=None):
     p.add_argument(
         "--no-fused",
         action="store_true",
-        help="chunked path without the fused CUDA kernels (kltrain.chunked_cuda), for comparison",
+        help="chunked path without the fused CUDA kernels (kltrain.divergence.kernels), "
+        "for comparison",
     )
     for hidden in ("--_case", "--_n", "--_v"):  # internal: one case in a fresh subprocess
         p.add_argument(hidden, help=argparse.SUPPRESS)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's kltrain, in this process and (cwd) the runs
 
-from kltrain import checkpoint  # noqa: E402
+from kltrain.training import checkpoint  # noqa: E402
 
 CONFIG = {
     "name": "chaos",

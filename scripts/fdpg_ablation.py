@@ -35,7 +35,7 @@ COLUMNS = {
 
 def run_one(divergence: str, args: argparse.Namespace) -> list[dict]:
     from kltrain.config import load_config
-    from kltrain.trainer import Trainer
+    from kltrain.training.trainer import Trainer
 
     out = Path(args.out) / divergence
     prompts = Path(args.out) / "prompts.jsonl"

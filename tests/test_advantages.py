@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kltrain.advantages import (
+from kltrain.rl.advantages import (
     RunningMoments,
     assemble_token_rewards,
     gae,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from kltrain.algorithms import make_algorithm
-from kltrain.chunked import fused_token_loss
 from kltrain.config import KLConfig, config_from_dict
+from kltrain.divergence.lm_head import fused_token_loss
 from kltrain.objective import build_regulariser
 from kltrain.rollout import Rollout
 

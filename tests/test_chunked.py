@@ -1,4 +1,5 @@
-"""kltrain.chunked against the plain path: full [N, V] logits, token_divergence and autograd."""
+"""kltrain.divergence.lm_head against the plain path: full [N, V] logits, token_divergence and
+autograd."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kltrain.chunked import TokenChunk, fused_token_loss, token_stats
-from kltrain.divergences import get_divergence, token_divergence
+from kltrain.divergence.functions import get_divergence, token_divergence
+from kltrain.divergence.lm_head import TokenChunk, fused_token_loss, token_stats
 
 N, H, V = 45, 12, 70
 
@@ -239,7 +240,7 @@ def test_half_inputs_use_fp32_logits(dtype):
 def test_native_half_path_emulated(monkeypatch):
     """The CUDA branch (torch.mm(..., out_dtype=fp32) on bf16 operands) emulated on CPU: bf16
     operands, products exact in fp32, G rounded to bf16 for the two backward GEMMs."""
-    import kltrain.chunked as chunked_mod
+    import kltrain.divergence.lm_head as chunked_mod
 
     def mm_out_dtype(self, a, b, out=None):
         if not self.native:
@@ -302,11 +303,12 @@ def test_token_stats_match_plain_computations():
     torch.testing.assert_close(only_policy["entropy"], stats["entropy"])
 
 
-# The fused per-chunk ops (kltrain.chunked_cuda): their torch twin runs the CUDA wiring on CPU;
+# The fused per-chunk ops (kltrain.divergence.kernels): their torch twin runs the CUDA wiring on
+# CPU;
 # the Triton kernels themselves are checked where CUDA exists.
 def use_fused_ops(monkeypatch, ops):
-    import kltrain.chunked as chunked_mod
-    from kltrain import chunked_cuda
+    import kltrain.divergence.lm_head as chunked_mod
+    from kltrain.divergence.kernels import cuda as chunked_cuda
 
     calls = []
 
@@ -337,7 +339,7 @@ def fused_path_matches_plain(t, name, p, loss, chunk_size, bias, rtol=1e-5):
 @pytest.mark.parametrize(("name", "p"), [*DIVS, (None, {})], ids=[n for n, _ in DIVS] + ["none"])
 @pytest.mark.parametrize("chunk_size", [7, 1024])
 def test_fused_ops_twin_matches_plain_path(monkeypatch, name, p, chunk_size):
-    from kltrain.chunked_cuda import TorchChunkOps
+    from kltrain.divergence.kernels.cuda import TorchChunkOps
 
     calls = use_fused_ops(monkeypatch, TorchChunkOps())
     loss = pg_plus_kl if name is not None else logprobs_only
@@ -348,8 +350,8 @@ def test_fused_ops_twin_matches_plain_path(monkeypatch, name, p, chunk_size):
 
 def test_fused_ops_twin_native_half_path(monkeypatch):
     """The CUDA bf16 branch on CPU: G is written straight in bf16 for the backward GEMMs."""
-    import kltrain.chunked as chunked_mod
-    from kltrain.chunked_cuda import TorchChunkOps
+    import kltrain.divergence.lm_head as chunked_mod
+    from kltrain.divergence.kernels.cuda import TorchChunkOps
 
     def mm_out_dtype(self, a, b, out=None):
         if not self.native:
@@ -364,8 +366,8 @@ def test_fused_ops_twin_native_half_path(monkeypatch):
 
 
 def test_fused_ops_only_for_cuda_fp32_and_builtins():
-    from kltrain.chunked_cuda import chunk_ops, kernel_id
-    from kltrain.divergences import ReverseKL
+    from kltrain.divergence.functions import ReverseKL
+    from kltrain.divergence.kernels.cuda import chunk_ops, kernel_id
 
     class Custom(ReverseKL):
         pass
@@ -380,7 +382,7 @@ def test_fused_ops_only_for_cuda_fp32_and_builtins():
 @pytest.mark.parametrize(("name", "p"), [*DIVS, (None, {})], ids=[n for n, _ in DIVS] + ["none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_fused_kernels_match_plain_path(name, p, dtype):
-    from kltrain.chunked_cuda import chunk_ops
+    from kltrain.divergence.kernels.cuda import chunk_ops
 
     assert chunk_ops(torch.device("cuda"), torch.float32, get_divergence("js")) is not None
     global N, V

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from kltrain.cli import main
-from kltrain.divergences import DIVERGENCE_NAMES
-from kltrain.estimators import ESTIMATOR_NAMES
+from kltrain.divergence.estimators import ESTIMATOR_NAMES
+from kltrain.divergence.functions import DIVERGENCE_NAMES
 from tests.helpers.tiny import make_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from kltrain.control import AdaptiveCoef, FixedCoef, LogPartitionEstimate, make_coef
+from kltrain.algorithms.fdpg.partition import LogPartitionEstimate
+from kltrain.rl.coef import AdaptiveCoef, FixedCoef, make_coef
 
 F64 = torch.float64
 

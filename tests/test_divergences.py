@@ -1,4 +1,5 @@
-"""kltrain.divergences vs independent float64 NumPy/SciPy computations and MATH.md identities."""
+"""kltrain.divergence.functions vs independent float64 NumPy/SciPy computations and MATH.md
+identities."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial.distance import jensenshannon
 
-from kltrain.divergences import (
+from kltrain.divergence.functions import (
     DIVERGENCE_NAMES,
     describe_divergences,
     get_divergence,

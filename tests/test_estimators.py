@@ -1,5 +1,5 @@
-"""kltrain.estimators by exact enumeration: unbiasedness, expected gradients, and MATH.md's table
-of which gradient each (estimator, placement) pair follows, on a 2-token MDP."""
+"""kltrain.divergence.estimators by exact enumeration: unbiasedness, expected gradients, and
+MATH.md's table of which gradient each (estimator, placement) pair follows, on a 2-token MDP."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from kltrain.divergences import get_divergence
-from kltrain.estimators import (
+from kltrain.divergence.estimators import (
     ESTIMATOR_NAMES,
     PLACEMENTS,
     GradientFollowed,
@@ -17,6 +16,7 @@ from kltrain.estimators import (
     estimate,
     gradient_followed,
 )
+from kltrain.divergence.functions import get_divergence
 from tests.helpers.naive_f import NAIVE_F
 
 DT = torch.float64

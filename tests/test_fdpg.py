@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from kltrain.algorithms import make_algorithm
+from kltrain.algorithms.fdpg.partition import LogPartitionEstimate
+from kltrain.algorithms.fdpg.targets import TargetError, fit_lambdas, group_moments
 from kltrain.config import ConfigError, config_from_dict
-from kltrain.control import LogPartitionEstimate
-from kltrain.divergences import get_divergence
-from kltrain.estimators import estimate
-from kltrain.targets import TargetError, fit_lambdas, group_moments
+from kltrain.divergence.estimators import estimate
+from kltrain.divergence.functions import get_divergence
 from tests.helpers.toy_sequences import (
     all_completions,
     contains_zero,
@@ -413,7 +413,7 @@ def test_weight_clipping_is_applied_and_logged():
 def test_violating_samples_under_infinite_f_are_an_error_not_nan():
     """A user f with f'(∞) = ∞ passes the config check only when softened; a runtime ∞ is
     reported by name (here: reverse KL's f' evaluated at a p = 0 sample)."""
-    from kltrain.targets import f_prime_of_log_ratio
+    from kltrain.algorithms.fdpg.targets import f_prime_of_log_ratio
 
     with pytest.raises(TargetError, match="infinite"):
         f_prime_of_log_ratio(get_divergence("reverse_kl"), torch.tensor([0.0, math.inf]))

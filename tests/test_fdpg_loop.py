@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kltrain.config import config_from_dict
-from kltrain.trainer import Trainer
+from kltrain.training.trainer import Trainer
 from tests.helpers.tiny import make_tiny_model_dir
 
 TARGETS = {
@@ -144,7 +144,7 @@ def test_offline_proposal_generates_and_is_replaced_only_on_improvement(
 ):
     """Every step generates from q; q stays the starting policy while the policy moves, becomes
     the policy of step 2 (before its update) when step 2's rule fires, then stays again."""
-    import kltrain.trainer as trainer_module
+    import kltrain.training.trainer as trainer_module
 
     out = tmp_path / "run"
     trainer = Trainer(offline_config(tiny_model, out))
@@ -203,7 +203,7 @@ def test_a_proposal_with_tied_weights_round_trips_through_a_checkpoint(tmp_path)
     and reloaded through the tie; a plain state-dict save would refuse the shared tensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kltrain import checkpoint
+    from kltrain.training import checkpoint
 
     config = LlamaConfig(
         vocab_size=50,

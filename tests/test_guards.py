@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 
-from kltrain import preemption
 from kltrain.cli import main
-from kltrain.tracking import RunLogger, truncate_jsonl
-from kltrain.trainer import Trainer, TrainingStopped
+from kltrain.training import preemption
+from kltrain.training.tracking import RunLogger, truncate_jsonl
+from kltrain.training.trainer import Trainer, TrainingStopped
 from tests.test_trainer import tiny_config
 
 

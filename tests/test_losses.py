@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kltrain.losses import (
+from kltrain.rl.losses import (
     divergence_penalty_loss,
     explained_variance,
     policy_loss,

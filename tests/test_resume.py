@@ -29,11 +29,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kltrain import checkpoint
-from kltrain.checkpoint import CheckpointError
 from kltrain.config import load_config
-from kltrain.preemption import EXIT_PREEMPTED
-from kltrain.trainer import Trainer
+from kltrain.training import checkpoint
+from kltrain.training.checkpoint import CheckpointError
+from kltrain.training.preemption import EXIT_PREEMPTED
+from kltrain.training.trainer import Trainer
 from tests.helpers.resume_runs import REPO, Zygote, child_pythonpath, write_config
 from tests.helpers.tiny import make_tiny_model_dir
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from kltrain.config import config_from_dict
-from kltrain.trainer import Trainer
+from kltrain.training.trainer import Trainer
 from tests.helpers.tiny import loop_config_raw, make_tiny_model_dir
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from kltrain.config import RunConfig
-from kltrain.losses import token_policy_loss
+from kltrain.rl.losses import token_policy_loss
 from kltrain.rollout import Rollout
 
 

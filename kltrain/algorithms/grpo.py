@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kltrain.advantages import group_mean_std
 from kltrain.algorithms.base import GroupBaselineAlgorithm
+from kltrain.rl.advantages import group_mean_std
 
 STD_EPS = 1e-4  # added to the group std, as grpo_advantages and TRL do
 

@@ -4,13 +4,14 @@ the reward").
 Per-token rewards ``r_t = −β·d_t`` on every generated token, plus the sequence reward ``R`` on the
 last one (``d_t`` the configured divergence, exact or a sampled estimator; ``β·d_t`` arrives from
 the loop as ``penalty``). A value function ``V(s_t)`` (a head on the policy or a separate value
-model, :mod:`kltrain.value_head`) gives GAE advantages and returns:
+model, :mod:`kltrain.algorithms.value`) gives GAE advantages and returns:
 
     δ_t = r_t + γ·V(s_{t+1}) − V(s_t),   A_t = Σ_{t'≥t} (γλ)^{t'−t} δ_t',   G_t = A_t + V(s_t)
 
 (``V`` after the last token is 0). The policy loss is the clipped surrogate of
-:func:`kltrain.losses.token_policy_loss` on ``A_t`` (whitened over the batch by default); the value
-loss ``c_v·½·max((V − G)², (clip(V, V_old ± ε_v) − G)²)`` is added through ``hidden_loss``.
+:func:`kltrain.rl.losses.token_policy_loss` on ``A_t`` (whitened over the batch by default);
+the value loss ``c_v·½·max((V − G)², (clip(V, V_old ± ε_v) − G)²)`` is added through
+``hidden_loss``.
 Old log-probs, reference log-probs, old values and advantages are computed once per rollout
 batch; the loop runs ``algorithm.epochs`` × ``algorithm.num_minibatches`` optimiser steps on it.
 
@@ -24,12 +25,12 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from kltrain.advantages import assemble_token_rewards, gae, whiten
 from kltrain.algorithms.base import Algorithm, TrainBatch
+from kltrain.algorithms.value import ValueHead, ValueModel, build_value_function
 from kltrain.config import RunConfig
-from kltrain.losses import explained_variance, value_loss
+from kltrain.rl.advantages import assemble_token_rewards, gae, whiten
+from kltrain.rl.losses import explained_variance, value_loss
 from kltrain.rollout import Rollout
-from kltrain.value_head import ValueHead, ValueModel, build_value_function
 
 
 class Ppo(Algorithm):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kltrain.advantages import rloo_baseline
 from kltrain.algorithms.base import GroupBaselineAlgorithm
+from kltrain.rl.advantages import rloo_baseline
 
 
 class Rloo(GroupBaselineAlgorithm):

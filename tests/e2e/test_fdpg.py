@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kltrain.config import load_config
-from kltrain.trainer import Trainer
+from kltrain.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["fdpg_forward_kl", "fdpg_js", "fdpg_reverse_kl", "gdc_moments"]

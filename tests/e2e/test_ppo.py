@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from kltrain.config import load_config
-from kltrain.trainer import Trainer
+from kltrain.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 

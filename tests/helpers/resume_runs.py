@@ -43,8 +43,8 @@ def child_pythonpath() -> str:
 
 
 def _install_kill(kill: dict[str, Any]) -> None:
-    from kltrain import checkpoint
-    from kltrain.trainer import Trainer
+    from kltrain.training import checkpoint
+    from kltrain.training.trainer import Trainer
 
     at, step = kill["at"], int(kill["step"])
     name = f"{checkpoint.PREFIX}{step:08d}"
@@ -118,7 +118,7 @@ def serve() -> None:
     """The zygote loop (run as ``python -m tests.helpers.resume_runs``)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import kltrain.cli
-    import kltrain.trainer  # noqa: F401
+    import kltrain.training.trainer  # noqa: F401
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

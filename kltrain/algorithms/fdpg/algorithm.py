@@ -9,7 +9,7 @@ Gradient (MATH.md, f-DPG), for y ~ q (the proposal: the policy at sampling time 
 Each sequence gets the advantage ``A = −ω·(f'(u) − b)`` on every completion token, b the mean
 ``f'`` of the other samples of its prompt (leave-one-out: unbiased, since E_q[ω ∇log π] = 0); the
 loop's plain policy gradient ``−A·∇ℓ_t`` summed over tokens is then ``−A·∇log π(y)``. ``Z(x)`` per
-prompt comes from :class:`kltrain.control.LogPartitionEstimate` with log-weights
+prompt comes from :class:`kltrain.algorithms.fdpg.partition.LogPartitionEstimate` with log-weights
 ``log w = log π_ref(y) + s(y) − log q(y)``; sequence log-probs are sums of the rollout's per-token
 ``logprobs`` / ``ref_logprobs`` / ``proposal_logprobs`` over the completion mask.
 
@@ -34,12 +34,8 @@ import torch
 from torch import Tensor
 
 from kltrain.algorithms.base import Algorithm, TrainBatch
-from kltrain.config import FdpgConfig, RunConfig
-from kltrain.control import LogPartitionEstimate
-from kltrain.divergences import Divergence, get_divergence
-from kltrain.rollout import Rollout
-from kltrain.targets import (
-    DIAGNOSED_DIVERGENCES,
+from kltrain.algorithms.fdpg.partition import LogPartitionEstimate
+from kltrain.algorithms.fdpg.targets import (
     TargetError,
     constraint_log_score,
     constraint_values,
@@ -52,6 +48,9 @@ from kltrain.targets import (
     leave_one_out_mean,
     log_z_stderr,
 )
+from kltrain.config import DIAGNOSED_DIVERGENCES, FdpgConfig, RunConfig
+from kltrain.divergence.functions import Divergence, get_divergence
+from kltrain.rollout import Rollout
 
 
 def gradient_description(cfg: RunConfig) -> tuple[str, str]:

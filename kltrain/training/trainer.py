@@ -8,7 +8,8 @@ main process only) → checkpoint.
 
 Resuming (``trainer.resume`` / ``kltrain fit --resume``) rebuilds everything from the config, then
 loads a checkpoint over it (:meth:`Trainer._restore`): the run continues bit for bit. SIGTERM and
-SIGUSR1 stop the run at the next safe point with a complete checkpoint (:mod:`kltrain.preemption`).
+SIGUSR1 stop the run at the next safe point with a complete checkpoint
+(:mod:`kltrain.training.preemption`).
 """
 
 from __future__ import annotations
@@ -29,18 +30,19 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import get_scheduler
 
-from kltrain import checkpoint, preemption
 from kltrain.algorithms import TrainBatch, make_algorithm
-from kltrain.chunked import TokenChunk, fused_token_loss
 from kltrain.config import ConfigError, RunConfig, prompts_per_process, to_yaml
-from kltrain.control import make_coef
 from kltrain.data import PromptSampler, load_prompts, process_share, render_prompt
-from kltrain.divergences import get_divergence
-from kltrain.models import Models, lm_head_params, load_models
+from kltrain.divergence.functions import get_divergence
+from kltrain.divergence.lm_head import TokenChunk, fused_token_loss
+from kltrain.models.loading import Models, load_models
+from kltrain.models.logits import lm_head_params
 from kltrain.objective import LOGGED_DIVERGENCES, build_regulariser
-from kltrain.rewards import RewardFunction
+from kltrain.rewards.function import RewardFunction
+from kltrain.rl.coef import make_coef
 from kltrain.rollout import Rollout, completion_hidden, generate, measure
-from kltrain.tracking import RunLogger
+from kltrain.training import checkpoint, preemption
+from kltrain.training.tracking import RunLogger, StepResult
 
 #: Per-token statistics summed inside the lm_head kernel over this process's tokens (each
 #: already divided by the global token count), so the processes' sums add up to the global value.
@@ -54,14 +56,6 @@ class TrainingStopped(RuntimeError):
 class _StepAbandoned(Exception):
     """A stop signal arrived before the step's first optimiser update: the step is dropped and
     the checkpoint records the state from before it."""
-
-
-@dataclass
-class StepResult:
-    step: int
-    metrics: dict[str, float]
-    rollout: Rollout
-    rewards: Tensor
 
 
 @dataclass

@@ -14,28 +14,33 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from kltrain import __version__
+from kltrain.algorithms import describe_objective
 from kltrain.config import RunConfig, to_yaml
+from kltrain.objective import Regulariser
+from kltrain.rollout import Rollout
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from kltrain.objective import Regulariser
-    from kltrain.trainer import StepResult
-
 LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "trl", "peft", "wandb")
-#: Shown on the progress bar, in this order, when present.
-PROGRESS_KEYS = {
-    "reward/mean": "reward",
-    "divergence/reverse_kl": "reverse_kl",
-    "train/coef": "β",
-    "time/step_seconds": "s/step",
-}
+
+
+@dataclass
+class StepResult:
+    """One finished step as the logger sees it: its metrics, samples and rewards [B]."""
+
+    step: int
+    metrics: dict[str, float]
+    rollout: Rollout
+    rewards: Tensor
 
 
 def library_versions() -> dict[str, str]:
@@ -57,6 +62,8 @@ class RunLogger:
         self.history: list[dict[str, Any]] = []
         self.bar: tqdm | None = None
         self.wandb_next_step = 0
+        self.trained_metric: str | None = None
+        self.reward_is_raw = not any(term.transforms for term in cfg.reward.terms)
 
     def start(
         self, regulariser: Regulariser, first_step: int = 0, run_id: str | None = None
@@ -66,9 +73,9 @@ class RunLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.history = truncate_jsonl(self.dir / "metrics.jsonl", first_step)
         truncate_jsonl(self.dir / "samples.jsonl", first_step)
-        from kltrain.algorithms import describe_objective
-
         followed, line = describe_objective(self.cfg, regulariser)
+        if self.cfg.algorithm.name != "fdpg":  # under f-DPG, kl.* names the objective
+            self.trained_metric = f"train/{regulariser.metric_name}"
         extra = {
             "versions": library_versions(),
             "gradient_followed": followed,
@@ -120,9 +127,7 @@ class RunLogger:
             self._write_samples(result)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(
-                {k.split("/")[-1]: _short(metrics[k]) for k in PROGRESS_KEYS if k in metrics}
-            )
+            self.bar.set_postfix(progress_fields(metrics, self.trained_metric), refresh=False)
 
     def _write_samples(self, result: StepResult) -> None:
         r = result.rollout
@@ -144,9 +149,9 @@ class RunLogger:
             return {}
         if self.bar is not None:
             self.bar.close()
-        summary = summarise(self.history)
+        summary = summarise(self.history, trained_metric=self.trained_metric)
         if summary:
-            print("kltrain: summary " + ", ".join(f"{k}={_short(v)}" for k, v in summary.items()))
+            print("kltrain: summary " + summary_line(summary, self.reward_is_raw), flush=True)
             print(f"kltrain: wrote {self.dir}", flush=True)
         return summary
 
@@ -171,10 +176,33 @@ def truncate_jsonl(path: Path, last_step: int) -> list[dict[str, Any]]:
     return rows
 
 
-def summarise(history: list[dict[str, Any]], window: int = 3) -> dict[str, float]:
-    """Mean reward over the first and last ``window`` steps (and of each term's raw score, which
-    stays comparable when a transform such as ``whiten`` centres the reward), and the final
-    divergences."""
+def progress_fields(metrics: dict[str, Any], trained_metric: str | None) -> dict[str, str]:
+    """What the progress bar shows: each reward term's raw score (before transforms such as
+    ``whiten``, which centre the reward every step), the trained divergence, β (``train/coef``),
+    the exact reverse KL to the reference and the step time."""
+    fields = {
+        key.removeprefix("reward/raw/"): metrics[key]
+        for key in sorted(metrics)
+        if key.startswith("reward/raw/")
+    }
+    shown = {
+        trained_metric: trained_metric.removeprefix("train/") if trained_metric else None,
+        "train/coef": "coef",
+        "divergence/reverse_kl": "reverse_kl",
+        "time/step_seconds": "s/step",
+    }
+    for key, label in shown.items():
+        if key and key in metrics:
+            fields.setdefault(label, metrics[key])
+    return {label: _short(value) for label, value in fields.items()}
+
+
+def summarise(
+    history: list[dict[str, Any]], window: int = 3, trained_metric: str | None = None
+) -> dict[str, float]:
+    """Mean reward over the first and last ``window`` steps, of the total (``reward/mean``, after
+    transforms) and of each term's raw score (comparable across steps when a transform such as
+    ``whiten`` centres the total); the final trained divergence, β and exact divergences."""
     if not history:
         return {}
     first, last = history[:window], history[-window:]
@@ -188,10 +216,31 @@ def summarise(history: list[dict[str, Any]], window: int = 3) -> dict[str, float
             term = key.removeprefix("reward/raw/")
             out[f"{term}_first"] = _avg(first, key)
             out[f"{term}_last"] = _avg(last, key)
-    for key in ("divergence/reverse_kl", "divergence/forward_kl", "divergence/js"):
+    finals = ["divergence/reverse_kl", "divergence/forward_kl", "divergence/js", "train/coef"]
+    if trained_metric:
+        finals.insert(0, trained_metric)
+    for key in finals:
         if key in history[-1]:
-            out[key.split("/")[-1] + "_final"] = float(history[-1][key])
+            out[key.removeprefix("train/").removeprefix("divergence/") + "_final"] = float(
+                history[-1][key]
+            )
     return out
+
+
+def summary_line(summary: dict[str, float], reward_is_raw: bool, window: int = 3) -> str:
+    """The summary for people: each raw reward term as first → last window means, the total
+    after transforms only when no transform changes it (a whitened total is ≈ 0 by
+    construction), then the last step's trained divergence, β and exact divergences."""
+    parts = [f"{int(summary['steps'])} steps (means of the first → last {window} steps)"]
+    for term in [k.removesuffix("_first") for k in summary if k.endswith("_first")]:
+        if term == "reward" and not reward_is_raw:
+            continue
+        label = "reward" if term == "reward" else f"{term} (raw)"
+        first, last = _short(summary[f"{term}_first"]), _short(summary[f"{term}_last"])
+        parts.append(f"{label} {first} → {last}")
+    finals = {k.removesuffix("_final"): v for k, v in summary.items() if k.endswith("_final")}
+    parts += [f"{name} {_short(value)}" for name, value in finals.items()]
+    return "; ".join(parts)
 
 
 def _avg(rows: list[dict[str, Any]], key: str) -> float:

@@ -1,7 +1,8 @@
 """Fused per-chunk elementwise work of the chunked lm_head path, for CUDA (Triton kernels).
 
-The chunk loop of :mod:`kltrain.chunked` turns fp32 logits ``z`` (policy) and ``zq`` (reference),
-``[c, V]`` each, into per-row values and the gradient w.r.t. ``z``. Done with torch ops that is
+The chunk loop of :mod:`kltrain.divergence.lm_head` turns fp32 logits ``z`` (policy) and ``zq``
+(reference), ``[c, V]`` each, into per-row values and the gradient w.r.t. ``z``. Done with torch
+ops that is
 some twenty full passes over ``[c, V]`` buffers, which dominate once the lm_head GEMMs run in
 bf16 on a GPU. Here it is two kernels, with the ``[c]``-sized ``loss_fn`` call between them:
 
@@ -27,38 +28,10 @@ import os
 import torch
 from torch import Tensor
 
-from kltrain.divergences import (
-    Alpha,
-    ChiSquared,
-    Divergence,
-    ForwardKL,
-    Hellinger,
-    JensenShannon,
-    ReverseKL,
-    TotalVariation,
-)
+from kltrain.divergence.functions import Divergence
+from kltrain.divergence.kernels.ids import KernelId, kernel_id
 
-# Kernel ids; NONE: no divergence (log-probs only, no reference logits).
-_IDS: dict[type, int] = {
-    ReverseKL: 0,
-    ForwardKL: 1,
-    JensenShannon: 2,
-    TotalVariation: 3,
-    Alpha: 4,
-    Hellinger: 5,
-    ChiSquared: 6,
-}
-NONE = 7
 ENV_SWITCH = "KLTRAIN_FUSED_CUDA"  # "0" turns the fused kernels off (the torch path runs)
-
-
-def kernel_id(div: Divergence | None) -> int | None:
-    """The kernel's id for ``div`` (exact built-in classes only; subclasses may override math)."""
-    return NONE if div is None else _IDS.get(type(div))
-
-
-def _alpha(div: Divergence | None) -> float:
-    return float(div.alpha) if isinstance(div, Alpha) else 0.0
 
 
 class TorchChunkOps:
@@ -69,14 +42,14 @@ class TorchChunkOps:
         k = kernel_id(div)
         lse = torch.logsumexp(z, -1)
         lp = z.gather(1, tok[:, None]).squeeze(1) - lse
-        if k == NONE:
+        if k == KernelId.NONE:
             return lp, None, (lse, None, None, None)
         lseq = torch.logsumexp(zq, -1)
         logp, logq = z - lse[:, None], zq - lseq[:, None]
-        if k == 0:
+        if k == KernelId.REVERSE_KL:
             d = (torch.softmax(z, -1) * (z - zq)).sum(-1) - lse + lseq
             s = None
-        elif k == 1:
+        elif k == KernelId.FORWARD_KL:
             d = (torch.softmax(zq, -1) * (zq - z)).sum(-1) - lseq + lse
             s = None
         else:
@@ -91,11 +64,11 @@ class TorchChunkOps:
         logp = z - lse[:, None]
         p = logp.exp()
         g = -a[:, None] * p
-        if k != NONE:
+        if k != KernelId.NONE:
             logq = zq - lseq[:, None]
-            if k == 0:
+            if k == KernelId.REVERSE_KL:
                 dz = p * (logp - logq - d[:, None])
-            elif k == 1:
+            elif k == KernelId.FORWARD_KL:
                 dz = p - logq.exp()
             else:
                 dz = div.weighted_score(logp, logq) - p * s[:, None]
@@ -126,6 +99,6 @@ def chunk_ops(device: torch.device, acc: torch.dtype, div: Divergence | None):
         _TRITON = _triton_ok()
     if not _TRITON:
         return None
-    from kltrain import _chunked_triton
+    from kltrain.divergence.kernels import triton_ops
 
-    return _chunked_triton.OPS
+    return triton_ops.OPS

@@ -14,8 +14,9 @@ on ``[c]`` leaves. Then grad_h = G @ W and grad_W += Gᵀ h: four lm_head matmul
 forward, reference forward, two for the policy's backward).
 
 On CUDA (fp32 accumulation, built-in divergence or none) the per-chunk elementwise work between
-the GEMMs runs as two fused Triton kernels (:mod:`kltrain.chunked_cuda`): row statistics (lse of
-both models, log π(token), D, and Σ π s) before ``loss_fn``, then G written over the policy's
+the GEMMs runs as two fused Triton kernels (:mod:`kltrain.divergence.kernels`): row statistics
+(lse of both models, log π(token), D, and Σ π s) before ``loss_fn``, then G written over the
+policy's
 logits (or directly in bf16/fp16 for a native half head). Elsewhere (CPU, float64, user f, or
 ``KLTRAIN_FUSED_CUDA=0``) the torch ops below run, unchanged.
 """
@@ -29,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kltrain import chunked_cuda
-from kltrain.divergences import Divergence, as_divergence
+from kltrain.divergence.functions import Divergence, as_divergence
+from kltrain.divergence.kernels import cuda as chunked_cuda
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Triton kernels behind :mod:`kltrain.chunked_cuda` (imported only on CUDA with Triton present)."""
+"""Triton kernels behind :mod:`kltrain.divergence.kernels.cuda` (imported only on CUDA with
+Triton present)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kltrain.chunked_cuda import NONE, _alpha, kernel_id
+from kltrain.divergence.kernels.ids import KernelId, alpha_of, kernel_id
 
 LOG2 = tl.constexpr(0.6931471805599453)
-_NONE = tl.constexpr(NONE)
+_REVERSE_KL = tl.constexpr(int(KernelId.REVERSE_KL))
+_FORWARD_KL = tl.constexpr(int(KernelId.FORWARD_KL))
+_JS = tl.constexpr(int(KernelId.JS))
+_TV = tl.constexpr(int(KernelId.TV))
+_ALPHA = tl.constexpr(int(KernelId.ALPHA))
+_HELLINGER = tl.constexpr(int(KernelId.HELLINGER))
+_NONE = tl.constexpr(int(KernelId.NONE))
 STATS_BLOCK, STATS_WARPS = 2048, 8
 GRAD_BLOCK, GRAD_WARPS = 2048, 8
 
@@ -25,21 +32,21 @@ def _terms(logp, logq, ALPHA, DIV: tl.constexpr):
     """(π_ref·f(π/π_ref), π·f'(π/π_ref)) elementwise, as the divergences' token_terms and
     weighted_score, for DIV in 2..6."""
     p = tl.exp(logp)
-    if DIV == 2:  # js
+    if DIV == _JS:  # js
         diff = logp - logq
         logm = tl.maximum(logp, logq) + _log1pexp_neg(tl.abs(diff)) - LOG2
         tt = 0.5 * (p * (logp - logm) + tl.exp(logq) * (logq - logm))
         softplus = tl.maximum(-diff, 0.0) + _log1pexp_neg(tl.abs(diff))
         ws = 0.5 * p * (LOG2 - softplus)
-    elif DIV == 3:  # tv
+    elif DIV == _TV:  # tv
         diff = logp - logq
         tt = 0.5 * tl.abs(p - tl.exp(logq))
         ws = 0.5 * p * tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
-    elif DIV == 4:  # alpha
+    elif DIV == _ALPHA:  # alpha
         mixed = tl.exp(ALPHA * logp + (1.0 - ALPHA) * logq)
         tt = (mixed - ALPHA * p - (1.0 - ALPHA) * tl.exp(logq)) / (ALPHA * (ALPHA - 1.0))
         ws = (mixed - p) / (ALPHA - 1.0)
-    elif DIV == 5:  # hellinger
+    elif DIV == _HELLINGER:  # hellinger
         hd = tl.exp(0.5 * logp) - tl.exp(0.5 * logq)
         tt = hd * hd
         ws = p - tl.exp(0.5 * (logp + logq))
@@ -84,9 +91,9 @@ def _stats_kernel(
             ey = tl.exp(y - safe_q)
             sq = sq * scale_q + ey
             mq = mqn
-            if DIV == 0:
+            if DIV == _REVERSE_KL:
                 t = t * scale_p + ex * tl.where(mask, x - y, 0.0)
-            if DIV == 1:
+            if DIV == _FORWARD_KL:
                 t = t * scale_q + ey * tl.where(mask, y - x, 0.0)
     m = tl.max(mp, 0)
     wp = tl.exp(mp - m)
@@ -102,10 +109,10 @@ def _stats_kernel(
         s_q = tl.sum(sq * wq, 0)
         lseq = mr + tl.log(s_q)
         tl.store(AUX + C + row, lseq)
-        if DIV == 0:
+        if DIV == _REVERSE_KL:
             d = tl.sum(t * wp, 0) / s_p - lse + lseq
             tl.store(AUX + 2 * C + row, d)
-        elif DIV == 1:
+        elif DIV == _FORWARD_KL:
             d = tl.sum(t * wq, 0) / s_q - lseq + lse
             tl.store(AUX + 2 * C + row, d)
         else:
@@ -142,10 +149,10 @@ def _grad_kernel(
         b = tl.load(B + row).to(tl.float32)
         lseq = tl.load(AUX + C + row)
         logq = tl.load(ZQ + row * stride_zq + cols, mask=mask, other=0.0).to(tl.float32) - lseq
-        if DIV == 0:
+        if DIV == _REVERSE_KL:
             d = tl.load(AUX + 2 * C + row)
             dz = p * (logp - logq - d)
-        elif DIV == 1:
+        elif DIV == _FORWARD_KL:
             dz = p - tl.exp(logq)
         else:
             s = tl.load(AUX + 3 * C + row)
@@ -164,23 +171,23 @@ class TritonChunkOps:
     def stats(self, z, zq, tok, div):
         k = kernel_id(div)
         z = _rowmajor(z)
-        zq = z if k == NONE else _rowmajor(zq)
+        zq = z if k == KernelId.NONE else _rowmajor(zq)
         c, v = z.shape
         aux = torch.empty((5, c), dtype=torch.float32, device=z.device)
-        if k != NONE:
+        if k != KernelId.NONE:
             aux[3].zero_()
         tok = tok.contiguous()
         _stats_kernel[(c,)](
-            z, zq, tok, aux, c, v, z.stride(0), zq.stride(0), _alpha(div),
-            DIV=k, BLOCK=STATS_BLOCK, num_warps=STATS_WARPS,
+            z, zq, tok, aux, c, v, z.stride(0), zq.stride(0), alpha_of(div),
+            DIV=int(k), BLOCK=STATS_BLOCK, num_warps=STATS_WARPS,
         )  # fmt: skip
-        d = None if k == NONE else aux[2]
+        d = None if k == KernelId.NONE else aux[2]
         return aux[4], d, aux
 
     def grad(self, z, zq, tok, aux, a, b, out, div):
         k = kernel_id(div)
         z = _rowmajor(z)
-        zq = z if k == NONE else _rowmajor(zq)
+        zq = z if k == KernelId.NONE else _rowmajor(zq)
         c, v = z.shape
         assert out.stride(-1) == 1
         a = a.contiguous()
@@ -188,8 +195,8 @@ class TritonChunkOps:
         grid = (c, triton.cdiv(v, GRAD_BLOCK))
         _grad_kernel[grid](
             z, zq, tok.contiguous(), aux, a, b, out, c, v,
-            z.stride(0), zq.stride(0), out.stride(0), _alpha(div),
-            DIV=k, BLOCK=GRAD_BLOCK, num_warps=GRAD_WARPS,
+            z.stride(0), zq.stride(0), out.stride(0), alpha_of(div),
+            DIV=int(k), BLOCK=GRAD_BLOCK, num_warps=GRAD_WARPS,
         )  # fmt: skip
         return out
 

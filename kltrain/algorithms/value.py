@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig
 
 from kltrain.config import RunConfig
-from kltrain.models import load_causal_lm, resolve_model
+from kltrain.models.loading import load_causal_lm, resolve_model
 from kltrain.rollout import Rollout, completion_hidden
 
 

@@ -32,14 +32,17 @@ or reward placement for every other built-in; all unbiased estimators are full D
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-from kltrain.divergences import DIVERGENCE_NAMES, Divergence, compute_dtype, get_divergence
+from kltrain.divergence.functions import DIVERGENCE_NAMES, Divergence, compute_dtype, get_divergence
 
-ESTIMATOR_NAMES: tuple[str, ...] = ("exact", "k1", "k2", "k3", "f_plain", "f_cv")
-PLACEMENTS: tuple[str, ...] = ("loss", "reward", "both")
+EstimatorName = Literal["exact", "k1", "k2", "k3", "f_plain", "f_cv"]
+Placement = Literal["loss", "reward", "both"]
+ESTIMATOR_NAMES: tuple[str, ...] = get_args(EstimatorName)
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
 
 _DESCRIPTIONS = {
     "exact": "full-vocabulary d_t = Σ_v π_ref f(π/π_ref) per token (needs both models' logits)",
@@ -64,7 +67,8 @@ def estimate(
     if estimator == "exact":
         raise ValueError(
             "'exact' is not a sampled estimator: it needs both models' full-vocabulary logits; "
-            "use kltrain.divergences.token_divergence or kltrain.chunked.fused_token_loss"
+            "use kltrain.divergence.functions.token_divergence or "
+            "kltrain.divergence.lm_head.fused_token_loss"
         )
     if estimator not in ESTIMATOR_NAMES:
         raise ValueError(f"unknown estimator {estimator!r}; valid: {', '.join(ESTIMATOR_NAMES)}")

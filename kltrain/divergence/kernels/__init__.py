@@ -1,0 +1,1 @@
+"""Optional fused CUDA (Triton) kernels for the chunked lm_head path, behind one protocol."""

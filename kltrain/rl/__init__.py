@@ -1,0 +1,1 @@
+"""Pure functions of tensors for policy-gradient RL: advantages, losses, β controllers."""

@@ -1,0 +1,1 @@
+"""The training loop and everything process-aware: the step, checkpoints, preemption, tracking."""
