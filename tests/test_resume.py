@@ -247,9 +247,9 @@ def assert_same_run(ref: Path, run: Path) -> None:
     assert metrics(run) == metrics(ref)
     assert (run / "samples.jsonl").read_text() == (ref / "samples.jsonl").read_text()
     a, b = ref / "checkpoints" / "step-00000012", run / "checkpoints" / "step-00000012"
-    for sub in ("model", "final"):
-        folder_a = a / "model" if sub == "model" else ref / "final"
-        folder_b = b / "model" if sub == "model" else run / "final"
+    for sub in ("model", "modules", "final"):  # modules: the value head, f-DPG's proposal
+        folder_a = a / sub if sub != "final" else ref / "final"
+        folder_b = b / sub if sub != "final" else run / "final"
         for file in folder_a.glob("*.safetensors"):
             ta, tb = load_file(str(file)), load_file(str(folder_b / file.name))
             assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -257,7 +257,8 @@ def assert_same_run(ref: Path, run: Path) -> None:
         assert_equal_nested(checkpoint.load_tensors(a / name), checkpoint.load_tensors(b / name))
     sa, sb = checkpoint.load_state(a), checkpoint.load_state(b)
     assert sa["trainer"].pop("wandb_run_id") and sb["trainer"].pop("wandb_run_id")
-    assert sa == sb  # β, whitening statistics, sampler, skip counters, minibatch generator
+    # β, whitening statistics, sampler, skip counters, minibatch generator, the algorithm's state
+    assert_equal_nested(sa, sb)
     assert checkpoint.load_rng(a) == checkpoint.load_rng(b)
 
 
