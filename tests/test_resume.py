@@ -54,9 +54,11 @@ def env(tmp_path_factory):
     zygote.close()
 
 
-def fit(env, name: str, kill=None, resume: bool = False, extra=(), **sections):
+def fit(env, name: str, kill=None, resume: bool = False, extra=(), drop=(), **sections):
     out = env["root"] / name
-    cfg = write_config(env["root"] / f"{name}.yaml", env["model"], env["prompts"], out, **sections)
+    cfg = write_config(
+        env["root"] / f"{name}.yaml", env["model"], env["prompts"], out, drop, **sections
+    )
     argv = ["fit", str(cfg), *extra] + (["--resume"] if resume else [])
     reply = env["zygote"].run(argv, kill, log=env["root"] / f"{name}.log")
     return out, reply
@@ -116,6 +118,70 @@ def test_resume_bit_exact_with_lora(env):
     run, reply = fit(env, "lora", resume=True, model=model)
     assert reply["rc"] == 0
     assert_same_run(ref, run)
+
+
+#: Algorithms with state of their own, beyond RLOO/GRPO's: PPO (value head and its optimiser
+#: group, k1 in the reward), f-DPG toward moments with a refit every step (λ, per-prompt Z, the fit
+#: window, the failure count) and f-DPG with the offline proposal (the frozen q and its update
+#: count). 6 steps, checkpoints at 3 and 6, SIGKILL inside step 5: the resume starts at 3.
+MATRIX = {
+    "ppo": ({"kl": {"estimator": "k1", "placement": "reward"}, "algorithm": {"name": "ppo"}}, ()),
+    "fdpg_moments_refits": (
+        {
+            "kl": {"divergence": "js"},
+            "reward": {
+                "terms": [
+                    {"name": "tests.helpers.fdpg_rewards:has_letter_e"},
+                    {"name": "tests.helpers.fdpg_rewards:has_letter_a"},
+                ]
+            },
+            "generation": {"min_new_tokens": 0},
+            "algorithm": {
+                "name": "fdpg",
+                "num_generations": 2,
+                "num_minibatches": 1,
+                "epochs": 1,
+                "fdpg": {
+                    "target": "moments",
+                    "moments": [0.5, 0.4],
+                    "lambdas": [0.3, -0.2],
+                    "refit_every": 1,
+                    "refit_window": 4,
+                },
+            },
+        },
+        ("kl.coef", "kl.adaptive"),
+    ),
+    "fdpg_offline": (
+        {
+            "kl": {"divergence": "forward_kl"},
+            "reward": {"terms": [{"name": "tests.helpers.fdpg_rewards:has_letter_e"}]},
+            "generation": {"min_new_tokens": 0},
+            "algorithm": {
+                "name": "fdpg",
+                "num_generations": 2,
+                "num_minibatches": 1,
+                "epochs": 1,
+                "fdpg": {"target": "constraint", "proposal": "offline"},
+            },
+        },
+        ("kl.coef", "kl.adaptive"),
+    ),
+}
+
+
+@pytest.mark.parametrize("algorithm", list(MATRIX))
+def test_sigkill_inside_a_step_resumes_bit_exact_for_stateful_algorithms(env, algorithm):
+    sections, drop = MATRIX[algorithm]
+    sections = {**sections, "trainer": {"max_steps": 6}}
+    ref, reply = fit(env, f"{algorithm}_ref", drop=drop, **sections)
+    assert reply == {"rc": 0, "signal": None}, (env["root"] / f"{algorithm}_ref.log").read_text()
+    run, reply = fit(env, algorithm, {"at": "step", "step": 5}, drop=drop, **sections)
+    assert reply == {"rc": None, "signal": signal.SIGKILL}
+    assert checkpoint.latest(run / "checkpoints").name == "step-00000003"
+    run, reply = fit(env, algorithm, resume=True, drop=drop, **sections)
+    assert reply["rc"] == 0, (env["root"] / f"{algorithm}.log").read_text()
+    assert_same_run(ref, run, last=6)
 
 
 def test_sigterm_abandons_or_finishes_the_step_checkpoints_and_exits_75(env, reference):
@@ -243,10 +309,10 @@ def test_resume_path_to_a_torn_checkpoint_is_an_error_naming_it(env, reference, 
 # Comparing two runs
 
 
-def assert_same_run(ref: Path, run: Path) -> None:
+def assert_same_run(ref: Path, run: Path, last: int = 12) -> None:
     assert metrics(run) == metrics(ref)
     assert (run / "samples.jsonl").read_text() == (ref / "samples.jsonl").read_text()
-    a, b = ref / "checkpoints" / "step-00000012", run / "checkpoints" / "step-00000012"
+    a, b = (path / "checkpoints" / f"step-{last:08d}" for path in (ref, run))
     for sub in ("model", "modules", "final"):  # modules: the value head, f-DPG's proposal
         folder_a = a / sub if sub != "final" else ref / "final"
         folder_b = b / sub if sub != "final" else run / "final"
