@@ -89,3 +89,24 @@ def read_jsonl(path: Path) -> list[dict]:
 def read_metrics(run: Path) -> list[dict]:
     """A run folder's ``metrics.jsonl``, one dict per logged step."""
     return read_jsonl(Path(run) / "metrics.jsonl")
+
+
+def fp64_tol(n_terms: int, cond: float = 1.0) -> float:
+    """:func:`fp32_tol` in float64 (``u = 2^-53``)."""
+    return fp32_tol(n_terms, cond, U64)
+
+
+def assert_close_to_scale(got, want, rtol: float, msg: str = "") -> None:
+    """Elementwise ``|got − want| ≤ rtol·(|want| + max|want|)``, compared in float64.
+
+    The error bounds above bound an entry's error by its terms' absolute sum, not by the entry:
+    an entry that is a small difference of large terms (a gradient entry near 0) carries an
+    absolute error at the scale of the tensor. ``max|want|`` stands for that scale, so ``rtol``
+    is a bound such as ``fp32_tol(n, cond)`` with ``cond`` the ratio of the terms' absolute sum
+    to the tensor's largest entry (stated where it is used)."""
+    import torch
+
+    got, want = got.detach().double(), want.detach().double()
+    assert got.shape == want.shape, f"{msg}: shape {tuple(got.shape)} vs {tuple(want.shape)}"
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * scale, msg=msg or None)

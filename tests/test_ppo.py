@@ -8,8 +8,6 @@ the loop, and every divergence for two steps on tiny models."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,16 +21,13 @@ from kltrain.config import ConfigError, config_from_dict
 from kltrain.rollout import Rollout
 from kltrain.trainer import Trainer
 from kltrain.value_head import ValueHead
-from tests.helpers.tiny import loop_config_raw, make_tiny_model_dir, update_sections
+from tests.conftest import fp32_tol, read_metrics
+from tests.helpers.invariance import assert_same_update, float64_sgd_trainer
+from tests.helpers.tiny import loop_config_raw, update_sections
 from tests.test_algorithms import _bandit_rollout, _problem, reverse_kl_optimum
 
 F64 = torch.float64
 NAN = float("nan")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model"))
 
 
 def ppo_raw(model: str = "unused", out=None, **sections) -> dict:
@@ -45,10 +40,6 @@ def ppo_raw(model: str = "unused", out=None, **sections) -> dict:
     )
     raw["name"] = "tiny_ppo"
     return update_sections(raw, sections)
-
-
-def metric_rows(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # --- config --------------------------------------------------------------------------------
@@ -280,7 +271,7 @@ def test_two_steps_write_the_run_folder_with_the_value_head(tiny_model, tmp_path
     trainer = Trainer(config_from_dict(raw))
     summary = trainer.fit()
     assert summary["steps"] == 2
-    rows = metric_rows(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         for key in ("value/loss", "value/clip_fraction", "value/returns_mean", "train/loss"):
@@ -329,7 +320,7 @@ def test_adaptive_beta_through_the_loop_follows_math_md(tiny_model, tmp_path):
     )
     trainer = Trainer(config_from_dict(raw))
     trainer.fit()
-    rows = metric_rows(out)
+    rows = read_metrics(out)
     betas = [r["train/coef"] for r in rows] + [trainer.coef.value]
     assert betas[0] == 0.1
     for s, row in enumerate(rows):
@@ -347,7 +338,7 @@ def test_separate_value_model(tiny_model, tmp_path):
     trainer = Trainer(config_from_dict(raw))
     assert not trainer.algorithm.needs_policy_hidden
     trainer.fit()
-    assert all(torch.isfinite(torch.tensor(r["value/loss"])) for r in metric_rows(out))
+    assert all(torch.isfinite(torch.tensor(r["value/loss"])) for r in read_metrics(out))
     saved = load_file(str(out / "final" / "value_model.safetensors"))
     assert "value_head.linear.weight" in saved and any(k.startswith("trunk.") for k in saved)
     assert float(saved["value_head.linear.weight"].abs().max()) > 0
@@ -370,10 +361,7 @@ def test_gradient_accumulation_invariance_with_the_value_loss(tiny_model, tmp_pa
             algorithm={"epochs": 1, "num_minibatches": 1},
             trainer={"micro_batch_size": micro, "max_grad_norm": None},
         )
-        trainer = Trainer(config_from_dict(raw))
-        trainer.optimizer = torch.optim.SGD(trainer.params, lr=1.0)  # Δθ = −∇
-        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
-        trainers.append(trainer)
+        trainers.append(float64_sgd_trainer(config_from_dict(raw)))
     named = [
         {**dict(t.models.policy.named_parameters()), **dict(t.algorithm.value.named_parameters())}
         for t in trainers
@@ -385,13 +373,23 @@ def test_gradient_accumulation_invariance_with_the_value_loss(tiny_model, tmp_pa
     penalty = first.coef.value * first.regulariser.reward_penalty(rollout.stats)
     batch = first.algorithm.prepare(rollout, rewards, penalty)
     metrics = [t.optimise(batch, step=1) for t in trainers]
-    assert metrics[0]["value/loss"] == pytest.approx(metrics[1]["value/loss"], rel=1e-5)
-    for name, value in named[0].items():
-        torch.testing.assert_close(
-            value - start[name], named[1][name] - start[name], rtol=1e-4, atol=1e-7
-        )
-    moved = (named[0]["linear.weight"] - start["linear.weight"]).detach().abs().max()
-    assert float(moved) > 1e-4  # the value head was updated
+    # The value path runs in fp32 (ppo.py casts V to float32), so the value loss and the head's
+    # gradient carry fp32 roundoff: ≤ 24 completion tokens summed, each term from a 32-wide
+    # dot product and ≤ 6 GAE steps. At step 1 the zero-initialised head gives V = 0, so the
+    # loss Σ G²/N has terms of one sign (condition 1); the gradient entries get a cancellation
+    # allowance of 16 (as the policy's in tests/helpers/invariance.py).
+    value_terms = 24 + 32 + 6
+    assert metrics[0]["value/loss"] == pytest.approx(
+        metrics[1]["value/loss"], rel=2 * fp32_tol(value_terms), abs=0
+    )
+    head = {f"linear.{k}" for k in ("weight", "bias")}
+    policy = {k: v for k, v in named[0].items() if k not in head}
+    assert_same_update(start, policy, {k: named[1][k] for k in policy})
+    value_rtol = 2 * fp32_tol(value_terms, cond=16.0)
+    moved = assert_same_update(
+        start, {k: named[0][k] for k in head}, {k: named[1][k] for k in head}, value_rtol
+    )
+    assert moved > 1e-4  # the value head was updated
 
 
 def test_value_trunk_gradient_switch():
@@ -410,21 +408,19 @@ def test_value_trunk_gradient_switch():
             assert hidden.grad is None
 
 
-def test_value_head_default_keeps_the_trunk_out_of_the_value_loss(tmp_path):
+def test_value_head_default_keeps_the_trunk_out_of_the_value_loss(tiny_model, tmp_path):
     from kltrain.value_head import build_value_function
-    from tests.helpers.tiny import make_tiny_model_dir
 
-    model = make_tiny_model_dir(tmp_path / "m")
+    model = tiny_model
     cfg = config_from_dict(ppo_raw(str(model), tmp_path / "run"))
     assert cfg.algorithm.ppo.value_trunk_gradient is False
     assert build_value_function(cfg).trunk_gradient is False
 
 
-def test_value_learning_rate_is_its_own_param_group(tmp_path):
+def test_value_learning_rate_is_its_own_param_group(tiny_model, tmp_path):
     from kltrain.trainer import Trainer
-    from tests.helpers.tiny import make_tiny_model_dir
 
-    model = make_tiny_model_dir(tmp_path / "m")
+    model = tiny_model
     raw = ppo_raw(str(model), tmp_path / "run", algorithm={"ppo": {"value_learning_rate": 0.5}})
     trainer = Trainer(config_from_dict(raw))
     policy_group, value_group = trainer.optimizer.param_groups
