@@ -34,8 +34,8 @@ from kltrain.checkpoint import CheckpointError
 from kltrain.config import load_config
 from kltrain.preemption import EXIT_PREEMPTED
 from kltrain.trainer import Trainer
+from tests.conftest import read_jsonl, read_metrics
 from tests.helpers.resume_runs import REPO, Zygote, child_pythonpath, write_config
-from tests.helpers.tiny import make_tiny_model_dir
 
 #: What test_resume asserts about the time from a stop signal to the process exit on the tiny
 #: model (the documented bound is one step phase plus one checkpoint save; here both are < 1 s).
@@ -43,9 +43,9 @@ STOP_SECONDS = 20.0
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("resume")
-    model = str(make_tiny_model_dir(root / "model"))
+    model = tiny_model
     prompts = root / "prompts.jsonl"
     lines = [json.dumps({"prompt": f"Review {i} of the film:"}) for i in range(18)]
     prompts.write_text("\n".join(lines) + "\n")
@@ -266,8 +266,7 @@ def test_changed_config_lists_the_differences_and_allow_config_change_proceeds(e
     trainer = Trainer(cfg, resume="auto", allow_config_change=True)
     assert trainer.state.step == 12
     trainer.fit()
-    rows = (run / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["step"] for r in rows] == list(range(1, 14))
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 14))
 
 
 def test_fresh_start_into_a_run_folder_with_checkpoints_is_refused(env, reference):
@@ -345,10 +344,10 @@ def assert_equal_nested(a, b) -> None:
 
 
 def metrics(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    """Every step's metrics but the wall-clock ``time/*``."""
+    rows = read_metrics(run)
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
 
 
 def prompt_uses(run: Path) -> Counter:
-    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
-    return Counter(row["prompt"] for row in rows)
+    return Counter(row["prompt"] for row in read_jsonl(run / "samples.jsonl"))
