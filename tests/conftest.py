@@ -73,6 +73,13 @@ TINY_DEPTH, TINY_WIDTH, TINY_LOGIT_SCALE = 2, 32 + 64, 1.0
 SMOLLM2_DEPTH, SMOLLM2_WIDTH, SMOLLM2_LOGIT_SCALE = 30, 576 + 1536, 30.0
 
 
+def smollm2_step_one_tol(new_tokens: int) -> float:
+    """:func:`step_one_divergence_tol` for the embedded smollm2-135m and ``new_tokens``
+    completion tokens per sequence; it also bounds ``|log π_ref(y) − log π(y)|`` per sequence at
+    step 1 (the same per-token bound, summed)."""
+    return step_one_divergence_tol(new_tokens, SMOLLM2_DEPTH, SMOLLM2_WIDTH, SMOLLM2_LOGIT_SCALE)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A tiny random Llama + BPE tokenizer folder (tests/helpers/tiny.py), built once."""
