@@ -14,11 +14,15 @@ from kltrain.advantages import (
     assemble_token_rewards,
     gae,
     group_mean_std,
-    grpo_advantages,
     reward_to_go,
-    rloo_advantages,
+    rloo_baseline,
     whiten,
 )
+from kltrain.algorithms import make_algorithm
+from kltrain.algorithms.grpo import STD_EPS
+from kltrain.config import config_from_dict
+from tests.conftest import U64, fp32_tol, fp64_tol, reduction_order_tol
+from tests.test_algorithms import _bandit_rollout
 
 F64 = torch.float64
 
@@ -28,14 +32,37 @@ def _right_padded(lengths: list[int], width: int) -> torch.Tensor:
     return torch.arange(width).expand(len(lengths), width) < torch.tensor(lengths)[:, None]
 
 
-# --- RLOO / GRPO ---------------------------------------------------------------------------
+# --- RLOO / GRPO: through the algorithms' prepare(), the code the loop runs -------------------
+
+
+def loop_advantages(name: str, rewards, k: int, valid=None, scale_rewards: bool = True):
+    """Sequence advantages [P*k] of ``algorithm.name`` (rloo or grpo) as the loop computes them:
+    ``prepare`` on a one-token rollout (no divergence in the reward); samples with
+    ``valid`` False have their completion mask cleared, as the loop does for invalid rewards."""
+    algorithm = {"name": name, "num_generations": k}
+    if name == "grpo":
+        algorithm["scale_rewards"] = scale_rewards
+    algo = make_algorithm(config_from_dict({"algorithm": algorithm}))
+    rollout = _bandit_rollout(torch.zeros(len(rewards), dtype=torch.long), k)
+    if valid is not None:
+        rollout.completion_mask = valid.view(-1, 1).clone()
+    return algo.prepare(rollout, rewards, None).advantages[:, 0]
+
+
+def rloo(rewards, k, valid=None):
+    return loop_advantages("rloo", rewards, k, valid)
+
+
+def grpo(rewards, k, valid=None, scale_rewards=True):
+    return loop_advantages("grpo", rewards, k, valid, scale_rewards)
 
 
 def test_rloo_hand_computed():
     r = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0], dtype=F64)
     # group 1: 1 - (2+6)/2, 2 - (1+6)/2, 6 - (1+2)/2; group 2: 0 - 3/2, 0 - 3/2, 3 - 0
     expected = torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0], dtype=F64)
-    torch.testing.assert_close(rloo_advantages(r, 3), expected, rtol=0, atol=1e-15)
+    # small integers and halves: every operation is exact in float64
+    torch.testing.assert_close(rloo(r, 3), expected, rtol=0, atol=0)
 
 
 def test_rloo_matches_naive_loop():
@@ -47,34 +74,38 @@ def test_rloo_matches_naive_loop():
         g = i // k
         others = [r[j].item() for j in range(g * k, g * k + k) if j != i]
         expected.append(r[i].item() - sum(others) / len(others))
-    torch.testing.assert_close(
-        rloo_advantages(r, k), torch.tensor(expected, dtype=F64), rtol=1e-12, atol=1e-12
-    )
+    # two float64 evaluations of a k-term sum and one division, at the rewards' scale
+    tol = reduction_order_tol(k + 2, float(r.abs().max()) * k, U64)
+    torch.testing.assert_close(rloo(r, k), torch.tensor(expected, dtype=F64), rtol=0, atol=tol)
 
 
 def test_grpo_hand_computed():
     r = torch.tensor([1.0, 2.0, 6.0, 4.0, 4.0, 4.0], dtype=F64)
     # group 1: mean 3, deviations (-2, -1, 3), unbiased var (4+1+9)/2 = 7; group 2: constant.
     std = math.sqrt(7.0)
-    s = std + 1e-4
+    s = std + STD_EPS
     expected = torch.tensor([-2 / s, -1 / s, 3 / s, 0.0, 0.0, 0.0], dtype=F64)
-    torch.testing.assert_close(grpo_advantages(r, 3), expected, rtol=1e-14, atol=0)
+    # mean, variance (3 terms), sqrt, + ε, division: ≤ 8 float64 roundings of O(1) values
+    torch.testing.assert_close(grpo(r, 3), expected, rtol=fp64_tol(8), atol=0)
     unscaled = torch.tensor([-2.0, -1.0, 3.0, 0.0, 0.0, 0.0], dtype=F64)
-    torch.testing.assert_close(grpo_advantages(r, 3, scale=False), unscaled, rtol=0, atol=0)
+    torch.testing.assert_close(grpo(r, 3, scale_rewards=False), unscaled, rtol=0, atol=0)
 
 
 def test_grpo_matches_naive_loop():
     gen = torch.Generator().manual_seed(1)
-    k, p, eps = 4, 6, 1e-3
+    k, p = 4, 6
     r = torch.randn(p * k, generator=gen, dtype=F64)
     expected = []
     for i in range(p * k):
         group = [r[j].item() for j in range(i // k * k, i // k * k + k)]
         mean = sum(group) / k
         std = math.sqrt(sum((x - mean) ** 2 for x in group) / (k - 1))
-        expected.append((r[i].item() - mean) / (std + eps))
-    got = grpo_advantages(r, k, eps=eps)
-    torch.testing.assert_close(got, torch.tensor(expected, dtype=F64), rtol=1e-12, atol=1e-12)
+        expected.append((r[i].item() - mean) / (std + STD_EPS))
+    got = grpo(r, k)
+    # both in float64: the mean and the variance are k-term sums (relative to the group's
+    # scale; a deviation / std is ≤ √(k−1) in size), then sqrt and a division
+    atol = 2 * fp64_tol(2 * k + 4, cond=float(r.abs().max()) / 0.1) * math.sqrt(k - 1)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=F64), rtol=0, atol=atol)
 
 
 def test_grpo_matches_trl_group_normalisation():
@@ -82,14 +113,18 @@ def test_grpo_matches_trl_group_normalisation():
     trl_utils = pytest.importorskip("trl.trainer.utils")
     gen = torch.Generator().manual_seed(2)
     k = 8
-    r = torch.randn(5 * k, generator=gen)
+    r = torch.randn(5 * k, generator=gen, dtype=F64)
     mean = torch.nanmean(r.view(-1, k), dim=1).repeat_interleave(k)
     std = trl_utils.nanstd(r.view(-1, k), dim=1).repeat_interleave(k)
     trl_adv = (r - mean) / (std + 1e-4)
-    torch.testing.assert_close(grpo_advantages(r, k), trl_adv, rtol=1e-6, atol=1e-6)
+    # in float64, both: the same formula with other summation orders (as test_grpo_matches_
+    # naive_loop's bound), except that trl's nanstd forms its Bessel factor k/(k−1) from a
+    # float32 count: one fp32 rounding of the variance, half of it in the std (rtol u32)
+    atol = 2 * fp64_tol(2 * k + 4, cond=float(r.abs().max()) / 0.1) * math.sqrt(k - 1)
+    torch.testing.assert_close(grpo(r, k), trl_adv, rtol=fp32_tol(1), atol=atol)
 
 
-@pytest.mark.parametrize("fn", [rloo_advantages, grpo_advantages])
+@pytest.mark.parametrize("fn", [rloo_baseline, group_mean_std])
 def test_group_layout_errors(fn):
     with pytest.raises(ValueError, match="groups of 3"):
         fn(torch.zeros(7), 3)
@@ -267,21 +302,22 @@ def test_invalid_samples_leave_every_baseline():
     r = torch.tensor([1.0, 2.0, 100.0, 4.0, 5.0, 6.0, 7.0, 8.0])
     valid = torch.tensor([True, True, False, True, True, True, True, False])
     # group 1: valid 1, 2, 4 → b = mean of the other two valid
-    rloo = rloo_advantages(r, 4, valid)
-    assert rloo.tolist()[:4] == [1 - 3.0, 2 - 2.5, 0.0, 4 - 1.5]
+    a_rloo = rloo(r, 4, valid)
+    assert a_rloo.tolist()[:4] == [1 - 3.0, 2 - 2.5, 0.0, 4 - 1.5]  # exact in fp32
     # group 2: valid 5, 6, 7
-    assert rloo.tolist()[4:] == [5 - 6.5, 6 - 6.0, 7 - 5.5, 0.0]
-    grpo = grpo_advantages(r, 4, valid=valid)
-    g1 = torch.tensor([1.0, 2.0, 4.0])
-    expected = (g1 - g1.mean()) / (g1.std(unbiased=True) + 1e-4)
-    torch.testing.assert_close(grpo[[0, 1, 3]], expected, rtol=0, atol=1e-6)
-    assert grpo[2] == 0 and grpo[7] == 0
+    assert a_rloo.tolist()[4:] == [5 - 6.5, 6 - 6.0, 7 - 5.5, 0.0]
+    a_grpo = grpo(r, 4, valid=valid)
+    g1 = torch.tensor([1.0, 2.0, 4.0], dtype=F64)
+    expected = (g1 - g1.mean()) / (g1.std(unbiased=True) + STD_EPS)
+    # fp32 against float64: mean, 3-term variance, sqrt, + ε, division of O(1) values
+    torch.testing.assert_close(a_grpo[[0, 1, 3]].double(), expected, rtol=fp32_tol(8), atol=0)
+    assert a_grpo[2] == 0 and a_grpo[7] == 0
 
 
 def test_a_lone_valid_sample_has_no_baseline_and_zero_advantage():
     r = torch.tensor([3.0, 9.0])
     valid = torch.tensor([True, False])
-    assert rloo_advantages(r, 2, valid).tolist() == [0.0, 0.0]
-    assert grpo_advantages(r, 2, valid=valid).tolist() == [0.0, 0.0]
+    assert rloo(r, 2, valid).tolist() == [0.0, 0.0]
+    assert grpo(r, 2, valid=valid).tolist() == [0.0, 0.0]
     mean, std = group_mean_std(r, 2, valid)
     assert mean.tolist() == [3.0, 3.0] and std.tolist() == [0.0, 0.0]

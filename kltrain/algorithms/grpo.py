@@ -8,7 +8,7 @@ from torch import Tensor
 from kltrain.advantages import group_mean_std
 from kltrain.algorithms.base import GroupBaselineAlgorithm
 
-STD_EPS = 1e-4  # added to the group std, as grpo_advantages and TRL do
+STD_EPS = 1e-4  # added to the group std (not the variance), as TRL does
 
 
 class Grpo(GroupBaselineAlgorithm):
