@@ -77,6 +77,12 @@ def step_one_divergence_tol(tokens: int, depth: int, width: int, logit_scale: fl
 # The tiny test model (tests/helpers/tiny.py): 2 layers, hidden 32, MLP 64; its random-init
 # logits are far below 1 in magnitude, so 1 bounds their scale.
 TINY_DEPTH, TINY_WIDTH, TINY_LOGIT_SCALE = 2, 32 + 64, 1.0
+#: The tiny loop config's completion length (generation.max_new_tokens in tests/helpers/tiny.py).
+TINY_NEW_TOKENS = 6
+#: A divergence per sequence at step 1 of the tiny loop config, when the policy is the reference.
+TINY_STEP_ONE_TOL = step_one_divergence_tol(
+    TINY_NEW_TOKENS, TINY_DEPTH, TINY_WIDTH, TINY_LOGIT_SCALE
+)
 # smollm2-135m: 30 layers, hidden 576, MLP 1536; its logits stay within ±30.
 SMOLLM2_DEPTH, SMOLLM2_WIDTH, SMOLLM2_LOGIT_SCALE = 30, 576 + 1536, 30.0
 

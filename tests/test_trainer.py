@@ -14,25 +14,16 @@ from kltrain.config import config_from_dict
 from kltrain.rewards import InvalidRewardError
 from kltrain.trainer import Trainer
 from tests.conftest import (
-    TINY_DEPTH,
-    TINY_LOGIT_SCALE,
-    TINY_WIDTH,
+    TINY_NEW_TOKENS,
+    TINY_STEP_ONE_TOL,
     U32,
     fp32_tol,
     read_jsonl,
     read_metrics,
     reduction_order_tol,
-    step_one_divergence_tol,
 )
 from tests.helpers.invariance import assert_same_update, float64_sgd_trainer
 from tests.helpers.tiny import loop_config_raw
-
-#: The loop config's completion length (generation.max_new_tokens in loop_config_raw).
-TINY_NEW_TOKENS = 6
-#: A divergence per sequence at step 1, when the policy is the reference (conftest derivation).
-TINY_STEP_ONE_TOL = step_one_divergence_tol(
-    TINY_NEW_TOKENS, TINY_DEPTH, TINY_WIDTH, TINY_LOGIT_SCALE
-)
 
 
 def tiny_config(model_path: str, out, **sections):
