@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from kltrain import checkpoint
 from kltrain.checkpoint import CheckpointError
-from kltrain.config import load_config
+from kltrain.config import ConfigError, load_config
 from kltrain.preemption import EXIT_PREEMPTED
 from kltrain.trainer import Trainer
 from tests.conftest import read_jsonl, read_metrics
@@ -273,7 +273,7 @@ def test_fresh_start_into_a_run_folder_with_checkpoints_is_refused(env, referenc
     cfg = load_config(
         write_config(env["root"] / "again.yaml", env["model"], env["prompts"], reference)
     )
-    with pytest.raises(Exception, match=r"already holds checkpoints.*--resume"):
+    with pytest.raises(ConfigError, match=r"already holds checkpoints.*--resume"):
         Trainer(cfg)
 
 
