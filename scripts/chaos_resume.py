@@ -105,7 +105,7 @@ def differences(ref: Path, run: Path, steps: int) -> list[str]:
     sa, sb = checkpoint.load_state(a), checkpoint.load_state(b)
     sa["trainer"].pop("wandb_run_id")
     sb["trainer"].pop("wandb_run_id")
-    if sa != sb:
+    if not equal(sa, sb):
         out.append("state.json")
     if checkpoint.load_rng(a) != checkpoint.load_rng(b):
         out.append("rng.json")

@@ -9,18 +9,25 @@ import numpy as np
 import pytest
 import torch
 
+from kltrain.algorithms import make_algorithm
+from kltrain.algorithms.grpo import STD_EPS
+from kltrain.config import config_from_dict
 from kltrain.rl.advantages import (
     RunningMoments,
     assemble_token_rewards,
     gae,
     group_mean_std,
-    grpo_advantages,
     reward_to_go,
-    rloo_advantages,
+    rloo_baseline,
     whiten,
 )
+from tests.conftest import U64, fp32_tol, fp64_tol, reduction_order_tol
+from tests.test_algorithms import _bandit_rollout
 
 F64 = torch.float64
+#: Float64 token-level recursions (GAE, reward-to-go, whitening) over ≤ 9 tokens, ≤ 4 roundings
+#: each, on values whose partial sums may cancel (randn inputs: allowance 8): γ_36·8 ≈ 3e-14.
+SEQ64 = fp64_tol(36, cond=8.0)
 
 
 def _right_padded(lengths: list[int], width: int) -> torch.Tensor:
@@ -28,14 +35,37 @@ def _right_padded(lengths: list[int], width: int) -> torch.Tensor:
     return torch.arange(width).expand(len(lengths), width) < torch.tensor(lengths)[:, None]
 
 
-# --- RLOO / GRPO ---------------------------------------------------------------------------
+# --- RLOO / GRPO: through the algorithms' prepare(), the code the loop runs -------------------
+
+
+def loop_advantages(name: str, rewards, k: int, valid=None, scale_rewards: bool = True):
+    """Sequence advantages [P*k] of ``algorithm.name`` (rloo or grpo) as the loop computes them:
+    ``prepare`` on a one-token rollout (no divergence in the reward); samples with
+    ``valid`` False have their completion mask cleared, as the loop does for invalid rewards."""
+    algorithm = {"name": name, "num_generations": k}
+    if name == "grpo":
+        algorithm["scale_rewards"] = scale_rewards
+    algo = make_algorithm(config_from_dict({"algorithm": algorithm}))
+    rollout = _bandit_rollout(torch.zeros(len(rewards), dtype=torch.long), k)
+    if valid is not None:
+        rollout.completion_mask = valid.view(-1, 1).clone()
+    return algo.prepare(rollout, rewards, None).advantages[:, 0]
+
+
+def rloo(rewards, k, valid=None):
+    return loop_advantages("rloo", rewards, k, valid)
+
+
+def grpo(rewards, k, valid=None, scale_rewards=True):
+    return loop_advantages("grpo", rewards, k, valid, scale_rewards)
 
 
 def test_rloo_hand_computed():
     r = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0], dtype=F64)
     # group 1: 1 - (2+6)/2, 2 - (1+6)/2, 6 - (1+2)/2; group 2: 0 - 3/2, 0 - 3/2, 3 - 0
     expected = torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0], dtype=F64)
-    torch.testing.assert_close(rloo_advantages(r, 3), expected, rtol=0, atol=1e-15)
+    # small integers and halves: every operation is exact in float64
+    torch.testing.assert_close(rloo(r, 3), expected, rtol=0, atol=0)
 
 
 def test_rloo_matches_naive_loop():
@@ -47,34 +77,38 @@ def test_rloo_matches_naive_loop():
         g = i // k
         others = [r[j].item() for j in range(g * k, g * k + k) if j != i]
         expected.append(r[i].item() - sum(others) / len(others))
-    torch.testing.assert_close(
-        rloo_advantages(r, k), torch.tensor(expected, dtype=F64), rtol=1e-12, atol=1e-12
-    )
+    # two float64 evaluations of a k-term sum and one division, at the rewards' scale
+    tol = reduction_order_tol(k + 2, float(r.abs().max()) * k, U64)
+    torch.testing.assert_close(rloo(r, k), torch.tensor(expected, dtype=F64), rtol=0, atol=tol)
 
 
 def test_grpo_hand_computed():
     r = torch.tensor([1.0, 2.0, 6.0, 4.0, 4.0, 4.0], dtype=F64)
     # group 1: mean 3, deviations (-2, -1, 3), unbiased var (4+1+9)/2 = 7; group 2: constant.
     std = math.sqrt(7.0)
-    s = std + 1e-4
+    s = std + STD_EPS
     expected = torch.tensor([-2 / s, -1 / s, 3 / s, 0.0, 0.0, 0.0], dtype=F64)
-    torch.testing.assert_close(grpo_advantages(r, 3), expected, rtol=1e-14, atol=0)
+    # mean, variance (3 terms), sqrt, + ε, division: ≤ 8 float64 roundings of O(1) values
+    torch.testing.assert_close(grpo(r, 3), expected, rtol=fp64_tol(8), atol=0)
     unscaled = torch.tensor([-2.0, -1.0, 3.0, 0.0, 0.0, 0.0], dtype=F64)
-    torch.testing.assert_close(grpo_advantages(r, 3, scale=False), unscaled, rtol=0, atol=0)
+    torch.testing.assert_close(grpo(r, 3, scale_rewards=False), unscaled, rtol=0, atol=0)
 
 
 def test_grpo_matches_naive_loop():
     gen = torch.Generator().manual_seed(1)
-    k, p, eps = 4, 6, 1e-3
+    k, p = 4, 6
     r = torch.randn(p * k, generator=gen, dtype=F64)
     expected = []
     for i in range(p * k):
         group = [r[j].item() for j in range(i // k * k, i // k * k + k)]
         mean = sum(group) / k
         std = math.sqrt(sum((x - mean) ** 2 for x in group) / (k - 1))
-        expected.append((r[i].item() - mean) / (std + eps))
-    got = grpo_advantages(r, k, eps=eps)
-    torch.testing.assert_close(got, torch.tensor(expected, dtype=F64), rtol=1e-12, atol=1e-12)
+        expected.append((r[i].item() - mean) / (std + STD_EPS))
+    got = grpo(r, k)
+    # both in float64: the mean and the variance are k-term sums (relative to the group's
+    # scale; a deviation / std is ≤ √(k−1) in size), then sqrt and a division
+    atol = 2 * fp64_tol(2 * k + 4, cond=float(r.abs().max()) / 0.1) * math.sqrt(k - 1)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=F64), rtol=0, atol=atol)
 
 
 def test_grpo_matches_trl_group_normalisation():
@@ -82,14 +116,18 @@ def test_grpo_matches_trl_group_normalisation():
     trl_utils = pytest.importorskip("trl.trainer.utils")
     gen = torch.Generator().manual_seed(2)
     k = 8
-    r = torch.randn(5 * k, generator=gen)
+    r = torch.randn(5 * k, generator=gen, dtype=F64)
     mean = torch.nanmean(r.view(-1, k), dim=1).repeat_interleave(k)
     std = trl_utils.nanstd(r.view(-1, k), dim=1).repeat_interleave(k)
     trl_adv = (r - mean) / (std + 1e-4)
-    torch.testing.assert_close(grpo_advantages(r, k), trl_adv, rtol=1e-6, atol=1e-6)
+    # in float64, both: the same formula with other summation orders (as test_grpo_matches_
+    # naive_loop's bound), except that trl's nanstd forms its Bessel factor k/(k−1) from a
+    # float32 count: one fp32 rounding of the variance, half of it in the std (rtol u32)
+    atol = 2 * fp64_tol(2 * k + 4, cond=float(r.abs().max()) / 0.1) * math.sqrt(k - 1)
+    torch.testing.assert_close(grpo(r, k), trl_adv, rtol=fp32_tol(1), atol=atol)
 
 
-@pytest.mark.parametrize("fn", [rloo_advantages, grpo_advantages])
+@pytest.mark.parametrize("fn", [rloo_baseline, group_mean_std])
 def test_group_layout_errors(fn):
     with pytest.raises(ValueError, match="groups of 3"):
         fn(torch.zeros(7), 3)
@@ -124,8 +162,10 @@ def test_gae_hand_computed_three_tokens():
     # γ=0.9, λ=0.8: δ = (0.9·0.6−0.5, 0.9·0.7−0.6, 1−0.7) = (0.04, 0.03, 0.3)
     # A_2 = 0.3, A_1 = 0.03 + 0.72·0.3 = 0.246, A_0 = 0.04 + 0.72·0.246 = 0.21712
     adv, ret = gae(r, v, mask, gamma=0.9, lam=0.8)
-    torch.testing.assert_close(adv, torch.tensor([[0.21712, 0.246, 0.3, 0.0]], dtype=F64))
-    torch.testing.assert_close(ret, torch.tensor([[0.71712, 0.846, 1.0, 0.0]], dtype=F64))
+    want_adv = torch.tensor([[0.21712, 0.246, 0.3, 0.0]], dtype=F64)
+    torch.testing.assert_close(adv, want_adv, rtol=SEQ64, atol=SEQ64)
+    want_ret = torch.tensor([[0.71712, 0.846, 1.0, 0.0]], dtype=F64)
+    torch.testing.assert_close(ret, want_ret, rtol=SEQ64, atol=SEQ64)
     assert adv[0, 3].item() == 0.0 and ret[0, 3].item() == 0.0
 
 
@@ -140,8 +180,8 @@ def test_gae_matches_loop_with_padding(gamma, lam):
     v[~mask] = 1e6  # garbage at padding must not leak
     adv, ret = gae(r, v, mask, gamma, lam)
     exp_adv, exp_ret = _gae_loop(r, v, mask, gamma, lam)
-    torch.testing.assert_close(adv, exp_adv, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ret, exp_ret, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(adv, exp_adv, rtol=SEQ64, atol=SEQ64)
+    torch.testing.assert_close(ret, exp_ret, rtol=SEQ64, atol=SEQ64)
     assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
 
 
@@ -152,8 +192,8 @@ def test_gae_gamma_lambda_one_is_reward_to_go_minus_value():
     v = torch.randn(3, 5, generator=gen, dtype=F64)
     adv, ret = gae(r, v, mask, 1.0, 1.0)
     rtg = reward_to_go(r, mask)
-    torch.testing.assert_close(adv, torch.where(mask, rtg - v, 0.0), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ret, rtg, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(adv, torch.where(mask, rtg - v, 0.0), rtol=SEQ64, atol=SEQ64)
+    torch.testing.assert_close(ret, rtg, rtol=SEQ64, atol=SEQ64)
 
 
 def test_reward_to_go_hand_computed():
@@ -161,7 +201,8 @@ def test_reward_to_go_hand_computed():
     mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
     # γ=0.5: row 0: G2 = 3, G1 = 2 + 1.5 = 3.5, G0 = 1 + 1.75 = 2.75; row 1: 4
     expected = torch.tensor([[2.75, 3.5, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]], dtype=F64)
-    torch.testing.assert_close(reward_to_go(r, mask, 0.5), expected, rtol=0, atol=1e-15)
+    # integers and halves: exact in float64
+    torch.testing.assert_close(reward_to_go(r, mask, 0.5), expected, rtol=0, atol=0)
 
 
 def test_outputs_are_detached():
@@ -191,11 +232,11 @@ def test_assemble_token_rewards_lengths_and_padding():
         ],
         dtype=F64,
     )
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
-    # the sum over a row is R - coef·Σ d: the MATH.md PPO reward
-    torch.testing.assert_close(
-        got.sum(1), reward - 0.5 * torch.where(mask.bool(), penalty, 0).sum(1)
-    )
+    # decimal inputs (one rounding each), one product and one sum: ≤ 4 roundings of values ≤ 3
+    torch.testing.assert_close(got, expected, rtol=0, atol=fp64_tol(4, cond=3.0))
+    # the sum over a row is R - coef·Σ d: the MATH.md PPO reward (4-term sums, values ≤ 3)
+    want = reward - 0.5 * torch.where(mask.bool(), penalty, 0).sum(1)
+    torch.testing.assert_close(got.sum(1), want, rtol=0, atol=2 * fp64_tol(8, cond=3.0))
 
 
 def test_assemble_token_rewards_needs_a_valid_token():
@@ -216,12 +257,17 @@ def test_whiten_matches_numpy():
     valid = x[mask].numpy()
     mean, std = valid.mean(), valid.std(ddof=0)
     got = whiten(x, mask, eps=0.0)
-    np.testing.assert_allclose(got[mask].numpy(), (valid - mean) / std, rtol=1e-12)
+    # 16 values: two 16-term sums (mean, variance), sqrt, division; x = 3·randn + 2, so a
+    # deviation is ≥ 1/1000 of the values' scale here: allowance 1e3 at the result
+    tol = 2 * fp64_tol(2 * 16 + 4, cond=1e3)
+    np.testing.assert_allclose(got[mask].numpy(), (valid - mean) / std, rtol=tol, atol=tol)
     assert (got[~mask] == 0).all()
     scaled = whiten(x, mask, shift_mean=False, eps=0.0)
-    np.testing.assert_allclose(scaled[mask].numpy(), (valid - mean) / std + mean, rtol=1e-12)
+    want = (valid - mean) / std + mean
+    np.testing.assert_allclose(scaled[mask].numpy(), want, rtol=tol, atol=tol)
     flat = x[mask]
-    np.testing.assert_allclose(whiten(flat, eps=0.0).numpy(), (valid - mean) / std, rtol=1e-12)
+    want = (valid - mean) / std
+    np.testing.assert_allclose(whiten(flat, eps=0.0).numpy(), want, rtol=tol, atol=tol)
 
 
 def test_running_moments_match_numpy_on_concatenation():
@@ -234,13 +280,17 @@ def test_running_moments_match_numpy_on_concatenation():
         mask[0, 0] = True
         batch_mean, batch_std = rm.update(x, mask)
         seen.append(x[mask].numpy())
-        assert batch_mean == pytest.approx(seen[-1].mean(), rel=1e-14)
-        assert batch_std == pytest.approx(seen[-1].std(), rel=1e-8, abs=1e-10)
-        allx = np.concatenate(seen)
+        # float64 sums of ≤ n values at 1e6 (two of them: ours and numpy's); the deviations
+        # from the mean (0.5) carry the values' rounding 1e6·u: condition 1e6 / 0.5 for the
+        # variance and std (a batch of one has std 0 in both: abs at the deviations' scale)
+        n, allx = x.numel(), np.concatenate(seen)
+        big = 2 * fp64_tol(allx.size + 8, cond=2e6)
+        assert batch_mean == pytest.approx(seen[-1].mean(), rel=2 * fp64_tol(n + 2))
+        assert batch_std == pytest.approx(seen[-1].std(), rel=big, abs=big)
         assert rm.count == allx.size
-        assert rm.mean == pytest.approx(allx.mean(), rel=1e-14)
-        assert rm.var == pytest.approx(allx.var(ddof=0), rel=1e-8)
-        assert rm.std == pytest.approx(allx.std(ddof=0), rel=1e-8)
+        assert rm.mean == pytest.approx(allx.mean(), rel=2 * fp64_tol(allx.size + 8))
+        assert rm.var == pytest.approx(allx.var(ddof=0), rel=big)
+        assert rm.std == pytest.approx(allx.std(ddof=0), rel=big)
 
 
 def test_running_moments_state_round_trip():
@@ -252,8 +302,8 @@ def test_running_moments_state_round_trip():
     rm.update(x)
     restored.update(x)
     assert restored.state_dict() == rm.state_dict()
-    assert rm.mean == pytest.approx(9.0 / 5)
-    assert rm.var == pytest.approx(np.var([1.0, 2.0, 4.0, 3.0, -1.0]))
+    assert rm.mean == pytest.approx(9.0 / 5, rel=fp64_tol(16))
+    assert rm.var == pytest.approx(np.var([1.0, 2.0, 4.0, 3.0, -1.0]), rel=fp64_tol(16, cond=4.0))
 
 
 def test_running_moments_empty_batch_is_noop():
@@ -267,21 +317,22 @@ def test_invalid_samples_leave_every_baseline():
     r = torch.tensor([1.0, 2.0, 100.0, 4.0, 5.0, 6.0, 7.0, 8.0])
     valid = torch.tensor([True, True, False, True, True, True, True, False])
     # group 1: valid 1, 2, 4 → b = mean of the other two valid
-    rloo = rloo_advantages(r, 4, valid)
-    assert rloo.tolist()[:4] == [1 - 3.0, 2 - 2.5, 0.0, 4 - 1.5]
+    a_rloo = rloo(r, 4, valid)
+    assert a_rloo.tolist()[:4] == [1 - 3.0, 2 - 2.5, 0.0, 4 - 1.5]  # exact in fp32
     # group 2: valid 5, 6, 7
-    assert rloo.tolist()[4:] == [5 - 6.5, 6 - 6.0, 7 - 5.5, 0.0]
-    grpo = grpo_advantages(r, 4, valid=valid)
-    g1 = torch.tensor([1.0, 2.0, 4.0])
-    expected = (g1 - g1.mean()) / (g1.std(unbiased=True) + 1e-4)
-    torch.testing.assert_close(grpo[[0, 1, 3]], expected, rtol=0, atol=1e-6)
-    assert grpo[2] == 0 and grpo[7] == 0
+    assert a_rloo.tolist()[4:] == [5 - 6.5, 6 - 6.0, 7 - 5.5, 0.0]
+    a_grpo = grpo(r, 4, valid=valid)
+    g1 = torch.tensor([1.0, 2.0, 4.0], dtype=F64)
+    expected = (g1 - g1.mean()) / (g1.std(unbiased=True) + STD_EPS)
+    # fp32 against float64: mean, 3-term variance, sqrt, + ε, division of O(1) values
+    torch.testing.assert_close(a_grpo[[0, 1, 3]].double(), expected, rtol=fp32_tol(8), atol=0)
+    assert a_grpo[2] == 0 and a_grpo[7] == 0
 
 
 def test_a_lone_valid_sample_has_no_baseline_and_zero_advantage():
     r = torch.tensor([3.0, 9.0])
     valid = torch.tensor([True, False])
-    assert rloo_advantages(r, 2, valid).tolist() == [0.0, 0.0]
-    assert grpo_advantages(r, 2, valid=valid).tolist() == [0.0, 0.0]
+    assert rloo(r, 2, valid).tolist() == [0.0, 0.0]
+    assert grpo(r, 2, valid=valid).tolist() == [0.0, 0.0]
     mean, std = group_mean_std(r, 2, valid)
     assert mean.tolist() == [3.0, 3.0] and std.tolist() == [0.0, 0.0]

@@ -14,6 +14,7 @@ from kltrain.config import KLConfig, config_from_dict
 from kltrain.divergence.lm_head import fused_token_loss
 from kltrain.objective import build_regulariser
 from kltrain.rollout import Rollout
+from tests.conftest import fp32_tol
 
 V = 6
 BETA = 0.5
@@ -113,7 +114,8 @@ def test_reverse_kl_in_loss_reaches_closed_form_optimum():
 def test_forward_kl_in_loss_reaches_closed_form_optimum():
     pi, ref_logits, reward = train_bandit("rloo", "forward_kl")
     target = forward_kl_optimum(ref_logits, reward, BETA)
-    assert abs(float(target.sum()) - 1) < 1e-5
+    # forward_kl_optimum returns float32: V roundings of the terms, plus the sum of V of them
+    assert abs(float(target.sum()) - 1) <= fp32_tol(2 * V + 1)
     assert (pi - target).abs().max() < 0.02, (pi, target)
     # reverse and forward optima differ here, so swapping the directions would fail
     assert (target - reverse_kl_optimum(ref_logits, reward, BETA)).abs().max() > 0.05

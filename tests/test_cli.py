@@ -14,7 +14,6 @@ import yaml
 from kltrain.cli import main
 from kltrain.divergence.estimators import ESTIMATOR_NAMES
 from kltrain.divergence.functions import DIVERGENCE_NAMES
-from tests.helpers.tiny import make_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,8 +80,8 @@ def test_unknown_model_name_is_one_clear_error(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def test_missing_prompt_column_is_one_clear_error(tmp_path, capsys):
-    model = make_tiny_model_dir(tmp_path / "model")
+def test_missing_prompt_column_is_one_clear_error(tiny_model, tmp_path, capsys):
+    model = tiny_model
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"text": "hello"}) + "\n")
     code = main(

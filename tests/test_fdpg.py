@@ -16,6 +16,7 @@ from kltrain.algorithms.fdpg.targets import TargetError, fit_lambdas, group_mome
 from kltrain.config import ConfigError, config_from_dict
 from kltrain.divergence.estimators import estimate
 from kltrain.divergence.functions import get_divergence
+from tests.conftest import fp64_tol
 from tests.helpers.toy_sequences import (
     all_completions,
     contains_zero,
@@ -350,7 +351,10 @@ def test_lambda_fit_recovers_known_lambdas():
         lam = fit_lambdas(phi, log_w0, torch.zeros(len(tk)), mu)
         assert (lam - true).abs().max() < 0.05, (lam, true)
         got = group_moments(phi, log_w0, torch.zeros(len(tk)), lam)
-        assert (got - torch.tensor(mu)).abs().max() < 1e-6
+        # fit_lambdas stops at max |m(λ) − μ| < 1e-7 (its tol), m from its own dual evaluation;
+        # group_moments recomputes m: two float64 evaluations of 100k-term sums apart
+        gap = 1e-7 + 2 * fp64_tol(100_000 + 16)
+        assert (got - torch.tensor(mu, dtype=torch.float64)).abs().max() < gap
 
 
 def test_unreachable_moments_are_an_error():
@@ -391,7 +395,7 @@ def test_diagnostics_match_exact_values():
         got = metrics[f"fdpg/target_divergence/{name}"]
         assert abs(got - exact) < 0.02 * exact + 2e-3, (name, got, exact)
     assert 0 < metrics["fdpg/ess"] <= 1
-    assert metrics["diversity/distinct_1"] == pytest.approx(4 / int(mask.sum()))
+    assert metrics["diversity/distinct_1"] == 4 / int(mask.sum())  # the same int ratio
 
 
 def test_hard_constraint_leaves_out_infinite_diagnostics():

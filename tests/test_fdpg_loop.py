@@ -3,7 +3,6 @@ run-folder contract with finite f-DPG diagnostics; the loop adds no β·D(π‖�
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 
 from kltrain.config import config_from_dict
 from kltrain.training.trainer import Trainer
-from tests.helpers.tiny import make_tiny_model_dir
+from tests.conftest import fp64_tol, read_metrics
 
 TARGETS = {
     "rlhf": ({"target": "rlhf"}, [{"name": "tests.helpers.loop_rewards:letter_e_count"}], "js"),
@@ -34,11 +33,6 @@ TARGETS = {
         "js",
     ),
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model"))
 
 
 def fdpg_config(model, out, target: str):
@@ -71,14 +65,16 @@ def test_two_fdpg_steps_write_the_run_folder(tiny_model, tmp_path, target):
     trainer = Trainer(fdpg_config(tiny_model, out, target))
     summary = trainer.fit()
     assert summary["steps"] == 2
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         for key in ("fdpg/log_z", "fdpg/ess", "fdpg/log_z_stderr", "diversity/distinct_2"):
             assert math.isfinite(row[key]), (key, row[key])
         for name in trainer.algorithm.diagnosed:
             assert math.isfinite(row[f"fdpg/target_divergence/{name}"])
-            assert row[f"fdpg/target_divergence/{name}"] >= -1e-6
+            # each control-variate term is ≥ 0; its float64 value can only dip below 0 where
+            # it cancels to ≈ 0 (u near 1), its ≤ 4 parts then each ≤ 1 in magnitude
+            assert row[f"fdpg/target_divergence/{name}"] >= -fp64_tol(4, cond=4.0)
         assert 0 < row["fdpg/ess"] <= 1
         assert math.isfinite(row["train/loss"])
         assert "divergence/reverse_kl" in row and "completion/entropy_per_token" in row
@@ -94,12 +90,32 @@ def test_two_fdpg_steps_write_the_run_folder(tiny_model, tmp_path, target):
     assert f"sequence {trainer.cfg.kl.divergence} to target" in (out / "config.yaml").read_text()
 
 
-def test_fdpg_loss_has_no_regulariser_term(tiny_model, tmp_path):
-    """uses_regulariser is False: with the same rollout, the loss does not depend on kl.coef's
-    regulariser path (the exact per-token divergence is never computed in the loss)."""
-    trainer = Trainer(fdpg_config(tiny_model, tmp_path / "run", "constraint"))
-    assert not trainer.algorithm.uses_regulariser
-    assert not trainer._regularised_in_loss()
+def perturbed_trainer(model, out, target: str, coef: float) -> Trainer:
+    """A trainer whose policy is moved off the reference by a fixed perturbation (so that
+    D(π‖π_ref) is far from 0) and whose loop β (the value ``kl.coef`` sets) is ``coef``."""
+    trainer = Trainer(fdpg_config(model, out, target))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.models.policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    trainer.coef.value = coef
+    return trainer
+
+
+@pytest.mark.parametrize("target", ["constraint", "rlhf"])
+def test_fdpg_loss_has_no_regulariser_term(tiny_model, tmp_path, target):
+    """The loop adds no β·D(π‖π_ref) under f-DPG: on one rollout, with the policy well away
+    from the reference, a loop β of 0.1 and of 10 give the same loss and the same update, bit
+    for bit. (For rlhf the target's β comes from the config, the same in both.)"""
+    trainers = [perturbed_trainer(tiny_model, tmp_path / f"r{c}", target, c) for c in (0.1, 10.0)]
+    rollout = trainers[0].make_rollout()
+    rewards, _ = trainers[0].score(rollout, step=1)
+    assert float(rollout.stats["reverse_kl"][rollout.completion_mask].mean()) > 1e-3
+    batch = trainers[0].algorithm.prepare(rollout, rewards, None)
+    metrics = [t.optimise(batch, step=1) for t in trainers]
+    assert metrics[0]["train/loss"] == metrics[1]["train/loss"]
+    a, b = (dict(t.models.policy.named_parameters()) for t in trainers)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +180,7 @@ def test_offline_proposal_generates_and_is_replaced_only_on_improvement(
     monkeypatch.setattr(trainer_module, "generate", spy)
     start = _snapshot(trainer.models.policy)
     trainer.fit()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert [r["fdpg/proposal_updates"] for r in rows] == [0.0, 1.0, 1.0]
     for row in rows:
         for key in ("fdpg/proposal_divergence", "fdpg/policy_divergence", "fdpg/proposal_ess"):

@@ -18,14 +18,8 @@ from kltrain.cli import main
 from kltrain.training import preemption
 from kltrain.training.tracking import RunLogger, truncate_jsonl
 from kltrain.training.trainer import Trainer, TrainingStopped
+from tests.conftest import read_metrics as rows
 from tests.test_trainer import tiny_config
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from tests.helpers.tiny import make_tiny_model_dir
-
-    return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model"))
 
 
 def nan_loss_from(monkeypatch, first_bad_step: int, last_bad_step: int | None = None):
@@ -49,10 +43,6 @@ def nan_loss_from(monkeypatch, first_bad_step: int, last_bad_step: int | None = 
     monkeypatch.setattr(Trainer, "_micro_batch_loss", loss)
     monkeypatch.setattr(Trainer, "optimise", optimise)
     return moved
-
-
-def rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def guarded_config(tiny_model, out, **trainer):

@@ -29,13 +29,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kltrain.config import load_config
+from kltrain.config import ConfigError, load_config
 from kltrain.training import checkpoint
 from kltrain.training.checkpoint import CheckpointError
 from kltrain.training.preemption import EXIT_PREEMPTED
 from kltrain.training.trainer import Trainer
+from tests.conftest import read_jsonl, read_metrics
 from tests.helpers.resume_runs import REPO, Zygote, child_pythonpath, write_config
-from tests.helpers.tiny import make_tiny_model_dir
 
 #: What test_resume asserts about the time from a stop signal to the process exit on the tiny
 #: model (the documented bound is one step phase plus one checkpoint save; here both are < 1 s).
@@ -43,9 +43,9 @@ STOP_SECONDS = 20.0
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("resume")
-    model = str(make_tiny_model_dir(root / "model"))
+    model = tiny_model
     prompts = root / "prompts.jsonl"
     lines = [json.dumps({"prompt": f"Review {i} of the film:"}) for i in range(18)]
     prompts.write_text("\n".join(lines) + "\n")
@@ -54,9 +54,11 @@ def env(tmp_path_factory):
     zygote.close()
 
 
-def fit(env, name: str, kill=None, resume: bool = False, extra=(), **sections):
+def fit(env, name: str, kill=None, resume: bool = False, extra=(), drop=(), **sections):
     out = env["root"] / name
-    cfg = write_config(env["root"] / f"{name}.yaml", env["model"], env["prompts"], out, **sections)
+    cfg = write_config(
+        env["root"] / f"{name}.yaml", env["model"], env["prompts"], out, drop, **sections
+    )
     argv = ["fit", str(cfg), *extra] + (["--resume"] if resume else [])
     reply = env["zygote"].run(argv, kill, log=env["root"] / f"{name}.log")
     return out, reply
@@ -116,6 +118,70 @@ def test_resume_bit_exact_with_lora(env):
     run, reply = fit(env, "lora", resume=True, model=model)
     assert reply["rc"] == 0
     assert_same_run(ref, run)
+
+
+#: Algorithms with state of their own, beyond RLOO/GRPO's: PPO (value head and its optimiser
+#: group, k1 in the reward), f-DPG toward moments with a refit every step (λ, per-prompt Z, the fit
+#: window, the failure count) and f-DPG with the offline proposal (the frozen q and its update
+#: count). 6 steps, checkpoints at 3 and 6, SIGKILL inside step 5: the resume starts at 3.
+MATRIX = {
+    "ppo": ({"kl": {"estimator": "k1", "placement": "reward"}, "algorithm": {"name": "ppo"}}, ()),
+    "fdpg_moments_refits": (
+        {
+            "kl": {"divergence": "js"},
+            "reward": {
+                "terms": [
+                    {"name": "tests.helpers.fdpg_rewards:has_letter_e"},
+                    {"name": "tests.helpers.fdpg_rewards:has_letter_a"},
+                ]
+            },
+            "generation": {"min_new_tokens": 0},
+            "algorithm": {
+                "name": "fdpg",
+                "num_generations": 2,
+                "num_minibatches": 1,
+                "epochs": 1,
+                "fdpg": {
+                    "target": "moments",
+                    "moments": [0.5, 0.4],
+                    "lambdas": [0.3, -0.2],
+                    "refit_every": 1,
+                    "refit_window": 4,
+                },
+            },
+        },
+        ("kl.coef", "kl.adaptive"),
+    ),
+    "fdpg_offline": (
+        {
+            "kl": {"divergence": "forward_kl"},
+            "reward": {"terms": [{"name": "tests.helpers.fdpg_rewards:has_letter_e"}]},
+            "generation": {"min_new_tokens": 0},
+            "algorithm": {
+                "name": "fdpg",
+                "num_generations": 2,
+                "num_minibatches": 1,
+                "epochs": 1,
+                "fdpg": {"target": "constraint", "proposal": "offline"},
+            },
+        },
+        ("kl.coef", "kl.adaptive"),
+    ),
+}
+
+
+@pytest.mark.parametrize("algorithm", list(MATRIX))
+def test_sigkill_inside_a_step_resumes_bit_exact_for_stateful_algorithms(env, algorithm):
+    sections, drop = MATRIX[algorithm]
+    sections = {**sections, "trainer": {"max_steps": 6}}
+    ref, reply = fit(env, f"{algorithm}_ref", drop=drop, **sections)
+    assert reply == {"rc": 0, "signal": None}, (env["root"] / f"{algorithm}_ref.log").read_text()
+    run, reply = fit(env, algorithm, {"at": "step", "step": 5}, drop=drop, **sections)
+    assert reply == {"rc": None, "signal": signal.SIGKILL}
+    assert checkpoint.latest(run / "checkpoints").name == "step-00000003"
+    run, reply = fit(env, algorithm, resume=True, drop=drop, **sections)
+    assert reply["rc"] == 0, (env["root"] / f"{algorithm}.log").read_text()
+    assert_same_run(ref, run, last=6)
 
 
 def test_sigterm_abandons_or_finishes_the_step_checkpoints_and_exits_75(env, reference):
@@ -200,15 +266,14 @@ def test_changed_config_lists_the_differences_and_allow_config_change_proceeds(e
     trainer = Trainer(cfg, resume="auto", allow_config_change=True)
     assert trainer.state.step == 12
     trainer.fit()
-    rows = (run / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["step"] for r in rows] == list(range(1, 14))
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 14))
 
 
 def test_fresh_start_into_a_run_folder_with_checkpoints_is_refused(env, reference):
     cfg = load_config(
         write_config(env["root"] / "again.yaml", env["model"], env["prompts"], reference)
     )
-    with pytest.raises(Exception, match=r"already holds checkpoints.*--resume"):
+    with pytest.raises(ConfigError, match=r"already holds checkpoints.*--resume"):
         Trainer(cfg)
 
 
@@ -243,13 +308,13 @@ def test_resume_path_to_a_torn_checkpoint_is_an_error_naming_it(env, reference, 
 # Comparing two runs
 
 
-def assert_same_run(ref: Path, run: Path) -> None:
+def assert_same_run(ref: Path, run: Path, last: int = 12) -> None:
     assert metrics(run) == metrics(ref)
     assert (run / "samples.jsonl").read_text() == (ref / "samples.jsonl").read_text()
-    a, b = ref / "checkpoints" / "step-00000012", run / "checkpoints" / "step-00000012"
-    for sub in ("model", "final"):
-        folder_a = a / "model" if sub == "model" else ref / "final"
-        folder_b = b / "model" if sub == "model" else run / "final"
+    a, b = (path / "checkpoints" / f"step-{last:08d}" for path in (ref, run))
+    for sub in ("model", "modules", "final"):  # modules: the value head, f-DPG's proposal
+        folder_a = a / sub if sub != "final" else ref / "final"
+        folder_b = b / sub if sub != "final" else run / "final"
         for file in folder_a.glob("*.safetensors"):
             ta, tb = load_file(str(file)), load_file(str(folder_b / file.name))
             assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -257,7 +322,8 @@ def assert_same_run(ref: Path, run: Path) -> None:
         assert_equal_nested(checkpoint.load_tensors(a / name), checkpoint.load_tensors(b / name))
     sa, sb = checkpoint.load_state(a), checkpoint.load_state(b)
     assert sa["trainer"].pop("wandb_run_id") and sb["trainer"].pop("wandb_run_id")
-    assert sa == sb  # β, whitening statistics, sampler, skip counters, minibatch generator
+    # β, whitening statistics, sampler, skip counters, minibatch generator, the algorithm's state
+    assert_equal_nested(sa, sb)
     assert checkpoint.load_rng(a) == checkpoint.load_rng(b)
 
 
@@ -278,10 +344,10 @@ def assert_equal_nested(a, b) -> None:
 
 
 def metrics(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    """Every step's metrics but the wall-clock ``time/*``."""
+    rows = read_metrics(run)
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
 
 
 def prompt_uses(run: Path) -> Counter:
-    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
-    return Counter(row["prompt"] for row in rows)
+    return Counter(row["prompt"] for row in read_jsonl(run / "samples.jsonl"))

@@ -8,7 +8,7 @@ from torch import Tensor
 from kltrain.algorithms.base import GroupBaselineAlgorithm
 from kltrain.rl.advantages import group_mean_std
 
-STD_EPS = 1e-4  # added to the group std, as grpo_advantages and TRL do
+STD_EPS = 1e-4  # added to the group std (not the variance), as TRL does
 
 
 class Grpo(GroupBaselineAlgorithm):

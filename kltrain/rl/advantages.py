@@ -60,18 +60,6 @@ def rloo_baseline(rewards: Tensor, group_size: int, valid: Tensor | None = None)
     return baseline.reshape(-1)
 
 
-def rloo_advantages(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
-    """Leave-one-out advantages `A_i = r_i − mean_{j≠i} r_j = (k·r_i − Σ_j r_j)/(k − 1)`.
-
-    rewards `[P*k]` (groups contiguous) → `[P*k]`. Each sample's baseline excludes itself,
-    so it is independent of the sample and the policy gradient stays unbiased. With `valid`,
-    only valid samples form baselines and invalid ones get 0 (see `rloo_baseline`).
-    """
-    g = rewards.detach()
-    adv = g - rloo_baseline(g, group_size, valid)
-    return adv if valid is None else adv * valid.to(adv.dtype)
-
-
 def group_mean_std(
     rewards: Tensor, group_size: int, valid: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -88,29 +76,6 @@ def group_mean_std(
     std = torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
     k = group_size
     return mean.expand(-1, k).reshape(-1), std.expand(-1, k).reshape(-1)
-
-
-def grpo_advantages(
-    rewards: Tensor,
-    group_size: int,
-    scale: bool = True,
-    eps: float = 1e-4,
-    valid: Tensor | None = None,
-) -> Tensor:
-    """Group-normalised advantages `A_i = (r_i − mean_g r) / (std_g r + eps)` (or `r_i − mean_g r`
-    when `scale` is False, Dr. GRPO).
-
-    rewards `[P*k]` (groups contiguous) → `[P*k]`. `std_g` is the unbiased (Bessel, `k−1`)
-    standard deviation, as `torch.std` and TRL's `GRPOTrainer`; `eps` is added to the std, not
-    the variance, also as TRL. A group of equal rewards gives advantages of exactly 0. With
-    `valid`, the group statistics use only valid samples and invalid ones get 0.
-    """
-    g = rewards.detach()
-    mean, std = group_mean_std(g, group_size, valid)
-    centred = g - mean
-    if scale:
-        centred = centred / (std + eps)
-    return centred if valid is None else centred * valid.to(centred.dtype)
 
 
 def _check_tokens(x: Tensor, mask: Tensor, name: str) -> Tensor:

@@ -4,7 +4,9 @@ Layout: ``<run>/checkpoints/step-00000012/`` holding ``model/`` (safetensors via
 ``save_pretrained``, or the PEFT adapter), ``modules/<name>.safetensors`` (algorithm-owned modules
 such as a value head), ``optimizer.pt`` and ``scheduler.pt`` (tensors and plain values only, read
 back with ``weights_only=True``), ``state.json`` (step and every stateful object's
-``state_dict()``), ``rng.json`` (every process's Python, NumPy, torch and CUDA generator states),
+``state_dict()``; tensors inside a state are stored in ``state_tensors.pt``, also read with
+``weights_only=True``, and referred to by name), ``rng.json`` (every process's Python, NumPy,
+torch and CUDA generator states),
 ``config.yaml`` (the resolved config) and, written last, the completeness marker ``COMPLETE``.
 
 A checkpoint is written into a hidden temporary folder and renamed into place only once complete;
@@ -31,6 +33,8 @@ from safetensors.torch import load_file
 from kltrain.config import ConfigError
 
 MARKER = "COMPLETE"
+STATE_TENSORS = "state_tensors.pt"
+TENSOR_REF = "__tensor__"  # {"__tensor__": name} in state.json stands for a tensor of STATE_TENSORS
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 
@@ -81,7 +85,10 @@ def save(
             safetensors.torch.save_model(module, str(tmp / "modules" / f"{name}.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **states}, indent=1))
+    plain, tensors = split_tensors({"step": step, **states})
+    if tensors:
+        torch.save(tensors, tmp / STATE_TENSORS)
+    (tmp / "state.json").write_text(json.dumps(plain, indent=1))
     (tmp / "rng.json").write_text(json.dumps(rng or []))
     if config_text is not None:
         (tmp / "config.yaml").write_text(config_text)
@@ -140,11 +147,55 @@ def prune(root: Path, keep_last: int) -> None:
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    """The JSON state of a complete checkpoint (step, sampler, β controller, ...)."""
+    """The state of a complete checkpoint (step, sampler, β controller, ...), with the tensors
+    of ``state_tensors.pt`` put back where ``state.json`` refers to them."""
     path = Path(path)
     if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
-    return json.loads((path / "state.json").read_text())
+    state = json.loads((path / "state.json").read_text())
+    file = path / STATE_TENSORS
+    return join_tensors(state, load_tensors(file) if file.is_file() else {}, file)
+
+
+def split_tensors(state: Any, name: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(state with every tensor replaced by {TENSOR_REF: name}, {name: tensor})``, name the
+    tensor's path of keys and list indices (``algorithm.fit_buffer.0.phi``): JSON for the
+    plain values, exact bytes (any dtype) for the tensors."""
+    if isinstance(state, torch.Tensor):
+        return {TENSOR_REF: name}, {name: state.detach().cpu()}
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(state, dict):
+        out = {}
+        for key, value in state.items():
+            out[key], found = split_tensors(value, f"{name}.{key}" if name else str(key))
+            tensors.update(found)
+        return out, tensors
+    if isinstance(state, (list, tuple)):
+        out_list = []
+        for i, value in enumerate(state):
+            plain, found = split_tensors(value, f"{name}.{i}")
+            out_list.append(plain)
+            tensors.update(found)
+        return out_list, tensors
+    return state, tensors
+
+
+def join_tensors(state: Any, tensors: dict[str, torch.Tensor], file: Path) -> Any:
+    """The inverse of :func:`split_tensors`; a reference to a tensor the file lacks is an
+    error naming both."""
+    if isinstance(state, dict):
+        if set(state) == {TENSOR_REF}:
+            if state[TENSOR_REF] not in tensors:
+                raise CheckpointError(
+                    f"{file}: state.json refers to tensor {state[TENSOR_REF]!r}, which the file "
+                    f"does not hold ({sorted(tensors)[:5]}); the checkpoint is damaged, resume "
+                    f"from another"
+                )
+            return tensors[state[TENSOR_REF]]
+        return {key: join_tensors(value, tensors, file) for key, value in state.items()}
+    if isinstance(state, list):
+        return [join_tensors(value, tensors, file) for value in state]
+    return state
 
 
 def load_tensors(path: Path) -> Any:

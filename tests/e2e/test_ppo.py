@@ -3,7 +3,6 @@ steps of 4 short sequences (a full step is ~30 s of CPU; these take a few second
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from safetensors.torch import load_file
 
 from kltrain.config import load_config
 from kltrain.training.trainer import Trainer
+from tests.conftest import read_metrics, smollm2_step_one_tol
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,9 +35,10 @@ def test_ppo_reverse_kl_config_two_steps(tmp_path):
     trainer = Trainer(cfg)
     summary = trainer.fit()
     assert summary["steps"] == 2
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
-    assert abs(rows[0]["divergence/reverse_kl"]) < 1e-4  # the policy starts at the reference
+    tol = smollm2_step_one_tol(8)  # generation.max_new_tokens=8
+    assert abs(rows[0]["divergence/reverse_kl"]) <= tol  # the policy starts at the reference
     assert rows[1]["divergence/reverse_kl"] > 0  # and moved
     for row in rows:
         for key in ("value/loss", "value/returns_mean", "train/loss", "reward/mean"):

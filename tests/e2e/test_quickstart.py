@@ -3,13 +3,13 @@ embedded smollm2-135m (downloaded into the cache on first use), with smaller ste
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
 
 from kltrain.cli import main
+from tests.conftest import read_jsonl, read_metrics, smollm2_step_one_tol
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,12 +30,13 @@ def test_quickstart_two_steps(tmp_path):
         ]
     )
     assert code == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert 0.0 <= rows[0]["reward/mean"] <= 1.0  # the sentiment score is a probability
-    assert abs(rows[0]["divergence/reverse_kl"]) < 1e-3  # step 1: policy == reference
+    # step 1: policy == reference (generation.max_new_tokens=12)
+    assert abs(rows[0]["divergence/reverse_kl"]) <= smollm2_step_one_tol(12)
     assert rows[1]["divergence/reverse_kl"] > 0
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    samples = read_jsonl(out / "samples.jsonl")
     assert samples and all(isinstance(s["completion"], str) for s in samples)
     assert any(s["completion"].strip() for s in samples)
     # the final policy is a normal transformers folder

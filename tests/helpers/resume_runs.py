@@ -163,8 +163,16 @@ class Zygote:
         self.proc.wait(timeout=30)
 
 
-def write_config(path: Path, model_dir: str, prompts: Path, out: Path, **sections: Any) -> Path:
-    """A 12-step tiny run checkpointing every 3 steps, on ``prompts``; ``sections`` override."""
+def write_config(
+    path: Path,
+    model_dir: str,
+    prompts: Path,
+    out: Path,
+    drop: tuple[str, ...] = (),
+    **sections: Any,
+) -> Path:
+    """A 12-step tiny run checkpointing every 3 steps, on ``prompts``; ``sections`` override,
+    ``drop`` removes keys (``"kl.coef"``)."""
     raw: dict[str, Any] = {
         "name": "resume",
         "seed": 7,
@@ -194,6 +202,9 @@ def write_config(path: Path, model_dir: str, prompts: Path, out: Path, **section
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
+    for dotted in drop:
+        section, key = dotted.split(".")
+        del raw[section][key]
     path.write_text(yaml.safe_dump(raw))
     return path
 

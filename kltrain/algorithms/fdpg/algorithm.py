@@ -281,12 +281,21 @@ class Fdpg(Algorithm):
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Z, λ, the fit's window of past batches and every counter: all a refit after a resume
+        needs to see what it would have seen without one (the tensors go to the checkpoint's
+        tensor file)."""
         lambdas = None if self.lambdas is None else self.lambdas.tolist()
+        window = [
+            {"phi": phi.clone(), "log_w0": log_w0.clone(), "keys": keys.clone()}
+            for phi, log_w0, keys in self.fit_buffer
+        ]
         return {
             "log_z": self.log_z.state_dict(),
             "lambdas": lambdas,
             "fitted": self.fitted,
             "steps": self.steps,
+            "refit_failures": self.refit_failures,
+            "fit_buffer": window,
             "proposal_updates": self.proposal_updates,
         }
 
@@ -296,4 +305,10 @@ class Fdpg(Algorithm):
         self.lambdas = None if lambdas is None else torch.tensor(lambdas, dtype=torch.float64)
         self.fitted = bool(state["fitted"])
         self.steps = int(state["steps"])
+        # checkpoints written before these were saved lack them (their resume restarts the window)
+        self.refit_failures = int(state.get("refit_failures", 0))
+        window = state.get("fit_buffer", [])
+        self.fit_buffer = deque(
+            ((e["phi"], e["log_w0"], e["keys"]) for e in window), maxlen=self.settings.refit_window
+        )
         self.proposal_updates = int(state.get("proposal_updates", 0))
