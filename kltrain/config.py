@@ -53,8 +53,17 @@ class DataConfig(Section):
     prompt_column: str = "prompt"
     chat_template: Literal["auto", "on", "off"] = "auto"
     max_prompt_tokens: int = Field(128, gt=0)
+    on_long_prompt: Literal["truncate", "skip", "error"] = "truncate"
+    """A prompt longer than `max_prompt_tokens`: keep its end (counted per step as
+    `data/truncated_prompts`), drop the row at start-up, or stop at start-up naming it."""
     shuffle: bool = True
     system_prompt: str | None = None
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _yaml_bool(cls, value: Any) -> Any:
+        """YAML 1.1 reads an unquoted `off`/`on` as a boolean: take it as the word."""
+        return {False: "off", True: "on"}.get(value, value) if isinstance(value, bool) else value
 
 
 class GenerationConfig(Section):

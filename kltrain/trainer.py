@@ -38,6 +38,7 @@ from kltrain.data import PromptSampler, load_prompts, process_share, render_prom
 from kltrain.divergences import get_divergence
 from kltrain.models import Models, lm_head_params, load_models
 from kltrain.objective import LOGGED_DIVERGENCES, build_regulariser
+from kltrain.prompt_length import count_truncated, screen_long_prompts
 from kltrain.rewards import RewardFunction
 from kltrain.rollout import Rollout, completion_hidden, generate, measure
 from kltrain.tracking import RunLogger
@@ -117,7 +118,7 @@ class Trainer:
         self.models.policy.to(acc.device)
         if self.models.reference is not None:
             self.models.reference.to(acc.device)
-        self.dataset = load_prompts(cfg.data)
+        self.dataset = screen_long_prompts(load_prompts(cfg.data), self.models.tokenizer, cfg.data)
         self.sampler = PromptSampler(len(self.dataset), seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.reward_fn = RewardFunction(
             cfg.reward, device=acc.device, trust_remote_code=cfg.model.trust_remote_code
@@ -222,6 +223,7 @@ class Trainer:
             **self._divergence_metrics(rollout),
             **batch.metrics,
             **update_metrics,
+            "data/truncated_prompts": float(self._global_count(self._truncated_prompts)),
         }
         if self.algorithm.uses_regulariser:  # under f-DPG, kl.* names the objective instead
             metrics[f"train/{self.regulariser.metric_name}"] = trained
@@ -245,6 +247,9 @@ class Trainer:
             render_prompt(self.models.tokenizer, p, cfg.data.chat_template, cfg.data.system_prompt)
             for p in prompts
         ]
+        self._truncated_prompts = count_truncated(
+            self.models.tokenizer, texts, cfg.data.max_prompt_tokens
+        )
         gen = cfg.generation
         sampler = self.algorithm.sampling_model(self.models)
         input_ids, attention_mask, completion_mask, prompt_len = generate(
@@ -363,7 +368,10 @@ class Trainer:
         loss_total = torch.zeros((), device=self.accelerator.device)
         micro = self.cfg.trainer.micro_batch_size
         for start in range(0, len(rows), micro):
-            loss = self._micro_batch_loss(batch, rows[start : start + micro], num_tokens, sums)
+            part = rows[start : start + micro]
+            if not mask[start : start + micro].any():
+                continue  # every sample invalid (reward.on_invalid: skip): no loss, no gradient
+            loss = self._micro_batch_loss(batch, part, num_tokens, sums)
             loss.backward()
             loss_total += loss.detach()
         self._all_reduce_gradients()

@@ -103,7 +103,7 @@ def test_long_prompts_error_names_the_row(tiny_model, tmp_path):
         tmp_path / "run",
         data={"prompts": str(prompts), "max_prompt_tokens": 8, "on_long_prompt": "error"},
     )
-    with pytest.raises(DataError, match=r"row 1 .*data.max_prompt_tokens=8"):
+    with pytest.raises(DataError, match=r"data.max_prompt_tokens=8.*row 1 "):
         Trainer(run)
 
 
