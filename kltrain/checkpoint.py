@@ -68,10 +68,31 @@ def save(
 ) -> Path:
     """Write the checkpoint of ``step`` atomically and prune to the newest ``keep_last``."""
     root = Path(root)
+    _refuse_non_finite(step, {"model": model, **(modules or {})})
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(root)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f"{TMP_PREFIX}{PREFIX}{step:08d}-{os.getpid()}"
+    try:
+        _write(tmp, model, optimizer, scheduler, step, states, modules, rng, config_text)
+    except (OSError, RuntimeError) as err:  # disk full (torch.save says RuntimeError): the
+        # half-written folder goes, the previous checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest(root)
+        kept = f"the previous checkpoint {previous} is kept" if previous else "none was before"
+        raise CheckpointError(
+            f"could not write the checkpoint of step {step} into {root}: "
+            f"{getattr(err, 'strerror', None) or err} ({type(err).__name__}); nothing was "
+            f"marked complete, {kept}. Free space (or fix the folder's permissions) and rerun "
+            f"with --resume"
+        ) from err
+    _install(tmp, final)
+    prune(root, keep_last)
+    return final
+
+
+def _write(tmp, model, optimizer, scheduler, step, states, modules, rng, config_text) -> None:
+    """Every file of a checkpoint into ``tmp``, the ``COMPLETE`` marker last."""
     tmp.mkdir()
     model.save_pretrained(tmp / "model", safe_serialization=True)
     if modules:
@@ -86,9 +107,18 @@ def save(
     if config_text is not None:
         (tmp / "config.yaml").write_text(config_text)
     _write_durably(tmp / MARKER, "complete\n")
-    _install(tmp, final)
-    prune(root, keep_last)
-    return final
+
+
+def _refuse_non_finite(step: int, modules: dict[str, torch.nn.Module]) -> None:
+    """A checkpoint holding NaN or ±inf weights would be resumed into a dead run: never write
+    one (so none is ever marked complete)."""
+    for owner, module in modules.items():
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(
+                    f"refusing to save the checkpoint of step {step}: {owner} tensor {name} "
+                    f"holds non-finite values (NaN or inf)"
+                )
 
 
 def _remove_stale_tmp(root: Path) -> None:

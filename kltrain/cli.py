@@ -8,6 +8,7 @@ SIGTERM/SIGUSR1 after writing a complete checkpoint (rerun with ``--resume``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(a checkpoint or run folder); starts fresh when the run folder has none yet",
     )
     fit.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start fresh even though trainer.output_dir holds an earlier run's metrics.jsonl, "
+        "samples.jsonl, config.yaml or final/ (they are replaced)",
+    )
+    fit.add_argument(
         "--allow-config-change",
         action="store_true",
         help="resume even though run-changing config fields differ from the checkpoint's",
@@ -51,6 +58,7 @@ EXIT_STOPPED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
+    _cwd_importable()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides after an option (`fit cfg --resume PATH k=v`) land here
@@ -62,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"kltrain: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _cwd_importable() -> None:
+    """``python -m kltrain`` puts the current folder first on ``sys.path``, the ``kltrain``
+    console script does not: do it here too, so ``module:function`` in a config (a reward, a
+    user f) imports from the current folder the same way under both."""
+    cwd = os.getcwd()
+    if not any(os.path.abspath(p or ".") == cwd for p in sys.path):
+        sys.path.insert(0, cwd)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -91,7 +108,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from kltrain.trainer import Trainer, TrainingStopped
 
     try:
-        Trainer(cfg, resume=resume, allow_config_change=args.allow_config_change).fit()
+        Trainer(
+            cfg,
+            resume=resume,
+            allow_config_change=args.allow_config_change,
+            overwrite=args.overwrite,
+            config_path=args.config,
+        ).fit()
     except TrainingStopped as err:
         print(f"kltrain: stopped: {err}", file=sys.stderr)
         return EXIT_STOPPED

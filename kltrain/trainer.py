@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import get_scheduler
 
-from kltrain import checkpoint, preemption
+from kltrain import checkpoint, preemption, run_folder
 from kltrain.algorithms import TrainBatch, make_algorithm
 from kltrain.chunked import TokenChunk, fused_token_loss
 from kltrain.config import ConfigError, RunConfig, prompts_per_process, to_yaml
@@ -98,6 +98,8 @@ class Trainer:
         accelerator: Accelerator | None = None,
         resume: str | None = None,
         allow_config_change: bool = False,
+        overwrite: bool = False,
+        config_path: str | None = None,
     ):
         resume = resume or cfg.trainer.resume
         resume_from = None
@@ -110,10 +112,15 @@ class Trainer:
         acc = self.accelerator
         set_seed(cfg.seed, device_specific=True)  # per-process sampling seeds
         self.output_dir = _shared_output_dir(cfg, acc)
+        run_folder.check_writable(self.output_dir)
         if not resume:
             _refuse_existing_checkpoints(self.output_dir)
+        if resume_from is None:
+            run_folder.check_fresh_start(self.output_dir, config_path, overwrite or bool(resume))
+        _refuse_fp16_on_cpu(cfg, acc.device)
         self.regulariser = build_regulariser(cfg.kl)
         prompts_per_process(cfg, acc.num_processes)  # the step's prompts split evenly: check now
+        _check_minibatches(cfg, acc.num_processes)
         self.models: Models = load_models(cfg.model)
         self.models.policy.to(acc.device)
         if self.models.reference is not None:
@@ -159,6 +166,34 @@ class Trainer:
         self.resumed_from = resume_from
         if resume_from is not None:
             self._restore(resume_from, allow_config_change)
+        if acc.is_main_process:  # every check passed: only now is anything in the folder moved
+            self._set_aside_abandoned(resume_from, restart=bool(resume) and not overwrite)
+        acc.wait_for_everyone()
+
+    def _set_aside_abandoned(self, resume_from: Path | None, restart: bool) -> None:
+        """Keep, under ``abandoned/``, what a timeline this run does not continue left behind:
+        the checkpoints newer than the one resumed and ``final/`` (moved), and the logs that are
+        about to be cut back (copied); or, for a ``--resume`` restart of a run that never saved
+        a checkpoint, that run's files (moved)."""
+        out = self.output_dir
+        if resume_from is None:
+            moved = run_folder.leftover_files(out) if restart else []
+            copied, why = [], "restart-without-checkpoint"
+        else:
+            step = self.state.step
+            newer = [
+                p
+                for p in checkpoint.list_complete(out / "checkpoints")
+                if int(p.name.removeprefix(checkpoint.PREFIX)) > step
+            ]
+            if not newer:
+                return
+            moved = [*newer, out / "final"]
+            copied, why = [out / "metrics.jsonl", out / "samples.jsonl"], f"after-step-{step}"
+        dest = run_folder.set_aside(out, moved, copied, why)
+        if dest is not None:
+            names = ", ".join(p.name for p in moved if not p.exists())
+            print(f"kltrain: moved the abandoned timeline's {names} to {dest}", flush=True)
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """The policy's trainable parameters at ``trainer.learning_rate``, then the algorithm's
@@ -197,9 +232,10 @@ class Trainer:
                     if self.state.step < cfg.trainer.max_steps and self._stop_requested():
                         self._stop_for_signal()  # (after the last step, finishing is quicker)
             self.save_final()
-        finally:
-            summary = self.logger.finish()
-        return summary
+        except BaseException:
+            self.logger.finish(completed=False)  # no summary, no "wrote": the run did not finish
+            raise
+        return self.logger.finish()
 
     def train_step(self) -> StepResult:
         clock = _Clock()
@@ -382,6 +418,7 @@ class Trainer:
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
+            self._check_weights_finite(step)
             self.state.consecutive_skips = 0
         else:
             self._record_skip(step, "loss" if not math.isfinite(loss_value) else "gradient norm")
@@ -504,17 +541,37 @@ class Trainer:
         if self.state.consecutive_skips >= limit:
             raise TrainingStopped(
                 f"step {step}: non-finite {quantity} in {limit} consecutive optimiser updates "
-                f"(trainer.max_consecutive_skips={limit}); stopping (the last checkpoint in "
-                f"{self.output_dir / 'checkpoints'} is intact)"
+                f"(trainer.max_consecutive_skips={limit}); stopping ({self._checkpoint_note()})"
             )
+
+    def _check_weights_finite(self, step: int) -> None:
+        """A finite loss and gradient norm can still give non-finite weights (fp16 overflow in
+        the optimiser): stop before they are sampled from or saved. One pass over the trainable
+        weights (Σ of their norms)."""
+        norms = torch._foreach_norm([p.detach() for p in self.params])
+        if math.isfinite(float(torch.stack([n.float() for n in norms]).sum())):
+            return
+        names = {id(p): n for n, p in self.models.policy.named_parameters()}
+        bad = next(p for p, n in zip(self.params, norms) if not math.isfinite(float(n)))
+        raise TrainingStopped(
+            f"step {step}: the optimiser update made the weights non-finite (first: "
+            f"{names.get(id(bad), 'an algorithm module parameter')}, model.dtype="
+            f"{self.cfg.model.dtype}); stopping without saving them ({self._checkpoint_note()})"
+        )
+
+    def _checkpoint_note(self) -> str:
+        """What a stopped run leaves to resume from, stated truthfully."""
+        found = checkpoint.latest(self.output_dir / "checkpoints")
+        if found is None:
+            return "no checkpoint was written yet (trainer.save_every sets how often)"
+        return f"the last checkpoint, {found}, is intact"
 
     def _check_divergence_limit(self, step: int, value: float) -> None:
         limit = self.cfg.kl.max
         if limit is not None and value > limit:
             raise TrainingStopped(
                 f"step {step}: {self.regulariser.metric_name} per sequence is {value:.4g}, above "
-                f"kl.max={limit}; stopping before this step's update (the last checkpoint in "
-                f"{self.output_dir / 'checkpoints'} is intact)"
+                f"kl.max={limit}; stopping before this step's update ({self._checkpoint_note()})"
             )
 
     # ------------------------------------------------------------------------------------------
@@ -670,6 +727,31 @@ def _refuse_existing_checkpoints(output_dir: Path) -> None:
         )
 
 
+def _refuse_fp16_on_cpu(cfg: RunConfig, device: torch.device) -> None:
+    """Pure fp16 weights cannot be trained on a CPU: AdamW's ε and small second moments
+    underflow in fp16 and the first update turns weights to NaN."""
+    if device.type != "cpu":
+        return
+    for key in ("dtype", "reference_dtype"):
+        if getattr(cfg.model, key) == "fp16":
+            raise ConfigError(
+                f"model.{key}=fp16 cannot train on the CPU (fp16 weights and optimiser state "
+                f"underflow and turn to NaN); use fp32 (or bf16) on the CPU, fp16 only on a GPU"
+            )
+
+
+def _check_minibatches(cfg: RunConfig, world_size: int) -> None:
+    """Each process's sequences per step split into ``algorithm.num_minibatches`` equal parts."""
+    per_process = prompts_per_process(cfg, world_size) * cfg.algorithm.num_generations
+    n = cfg.algorithm.num_minibatches
+    if per_process % n:
+        raise ConfigError(
+            f"algorithm.num_minibatches={n} does not divide each process's {per_process} "
+            f"sequences per step (trainer.prompts_per_step / processes × "
+            f"algorithm.num_generations); use a divisor of {per_process}"
+        )
+
+
 def _make_accelerator(cfg: RunConfig) -> Accelerator:
     log_with = "wandb" if cfg.tracking.wandb.mode != "disabled" else None
     return Accelerator(cpu=cfg.trainer.device == "cpu", log_with=log_with)
@@ -680,7 +762,4 @@ def _shared_output_dir(cfg: RunConfig, acc: Accelerator) -> Path:
     holder = [str(cfg.resolved_output_dir()) if acc.is_main_process else None]
     if acc.num_processes > 1:
         broadcast_object_list(holder)
-    path = Path(holder[0])
-    if acc.is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(holder[0])  # created by the first write, after every check has passed

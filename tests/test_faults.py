@@ -123,7 +123,7 @@ def test_long_prompts_skip_drops_the_row(tiny_model, tmp_path):
 
 def test_fp16_on_cpu_is_refused_at_load_time(tiny_model, tmp_path):
     run = cfg(tiny_model, tmp_path / "run", model={"dtype": "fp16"}, trainer={"device": "cpu"})
-    with pytest.raises(ConfigError, match="model.dtype=fp16"):
+    with pytest.raises(ConfigError, match=r"model.dtype=fp16"):
         Trainer(run)
     assert not (tmp_path / "run").exists()
 
@@ -140,7 +140,7 @@ def test_non_finite_weights_stop_the_run_without_a_checkpoint(tiny_model, tmp_pa
         return result
 
     monkeypatch.setattr(trainer.optimizer, "step", poisoned_step)
-    with pytest.raises(TrainingStopped, match="step 1.*non-finite"):
+    with pytest.raises(TrainingStopped, match=r"step 1.*non-finite"):
         trainer.fit()
     assert checkpoint.latest(out / "checkpoints") is None
     assert not (out / "final").exists()
@@ -224,5 +224,5 @@ def test_causal_lm_as_reward_model_is_refused(tiny_model):
     from kltrain.config import RewardConfig
 
     terms = RewardConfig(terms=[{"name": f"model:{tiny_model}", "kwargs": {"label": 0}}])
-    with pytest.raises(RewardError, match="newly initialised.*score"):
+    with pytest.raises(RewardError, match=r"newly initialised.*score"):
         RewardFunction(terms)
