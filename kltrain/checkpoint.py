@@ -211,7 +211,15 @@ def load_model(path: Path, model: torch.nn.Module) -> None:
     folder = Path(path) / "model"
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(str(file)))
+        try:
+            tensors.update(load_file(str(file)))
+        except Exception as err:  # SafetensorError for a truncated or corrupt file
+            raise CheckpointError(
+                f"{file} cannot be read ({type(err).__name__}: {err}); the checkpoint is "
+                f"damaged: resume from another one (--resume PATH) or remove it"
+            ) from err
+    if not tensors:
+        raise CheckpointError(f"{folder} holds no .safetensors weights; the checkpoint is damaged")
     if hasattr(model, "peft_config"):
         _load_adapter(folder, model, tensors)
         return

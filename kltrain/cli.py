@@ -94,9 +94,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from kltrain.algorithms import describe_objective
     from kltrain.objective import build_regulariser
+    from kltrain.preflight import check_can_start
 
     followed, line = describe_objective(cfg, build_regulariser(cfg.kl))
+    checked = check_can_start(cfg)  # models, data, rewards, run folder: would fit start?
     print(to_yaml(cfg, {"gradient_followed": followed}), end="")
+    for item in checked:
+        print(f"# checked {item}")
     print(f"# ok: {cfg.algorithm.name}, {line}")
     return 0
 

@@ -324,9 +324,38 @@ def _load_error(name: str, resolved: str, what: str, err: Exception) -> ModelErr
     return ModelError(f"could not load the {what} from {resolved}: {type(err).__name__}: {err}")
 
 
+#: Files one of which a local folder needs for ``AutoTokenizer`` to find a tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+)
+
+
+def local_folder_problem(resolved: str, tokenizer: bool) -> str | None:
+    """Why a local model folder cannot be loaded (no config.json, no safetensors weights, or —
+    with ``tokenizer`` — no tokenizer files), or None; None too for a name that is no folder."""
+    folder = Path(resolved).expanduser()
+    if not folder.is_dir():
+        return None
+    if not (folder / "config.json").is_file():
+        return f"{folder} has no config.json: it is not a transformers model folder"
+    if tokenizer and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return (
+            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it with "
+            f"tokenizer.save_pretrained({str(folder)!r})"
+        )
+    return None
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token (eos if it had none) and left padding (for generation)."""
     resolved = resolve_model(name)
+    problem = local_folder_problem(resolved, tokenizer=True)
+    if problem:  # else transformers guesses a tokenizer class and fails with an unrelated error
+        raise ModelError(problem)
     try:
         tok = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except Exception as err:

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import get_scheduler
 
-from kltrain import checkpoint, preemption, run_folder
+from kltrain import checkpoint, preemption, preflight, run_folder
 from kltrain.algorithms import TrainBatch, make_algorithm
 from kltrain.chunked import TokenChunk, fused_token_loss
 from kltrain.config import ConfigError, RunConfig, prompts_per_process, to_yaml
@@ -117,7 +117,7 @@ class Trainer:
             _refuse_existing_checkpoints(self.output_dir)
         if resume_from is None:
             run_folder.check_fresh_start(self.output_dir, config_path, overwrite or bool(resume))
-        _refuse_fp16_on_cpu(cfg, acc.device)
+        preflight.refuse_fp16_on_cpu(cfg, acc.device.type)
         self.regulariser = build_regulariser(cfg.kl)
         prompts_per_process(cfg, acc.num_processes)  # the step's prompts split evenly: check now
         _check_minibatches(cfg, acc.num_processes)
@@ -725,19 +725,6 @@ def _refuse_existing_checkpoints(output_dir: Path) -> None:
             f"{found.name}); pass --resume (trainer.resume=auto) to continue it, or choose "
             f"another trainer.output_dir"
         )
-
-
-def _refuse_fp16_on_cpu(cfg: RunConfig, device: torch.device) -> None:
-    """Pure fp16 weights cannot be trained on a CPU: AdamW's ε and small second moments
-    underflow in fp16 and the first update turns weights to NaN."""
-    if device.type != "cpu":
-        return
-    for key in ("dtype", "reference_dtype"):
-        if getattr(cfg.model, key) == "fp16":
-            raise ConfigError(
-                f"model.{key}=fp16 cannot train on the CPU (fp16 weights and optimiser state "
-                f"underflow and turn to NaN); use fp32 (or bf16) on the CPU, fp16 only on a GPU"
-            )
 
 
 def _check_minibatches(cfg: RunConfig, world_size: int) -> None:
