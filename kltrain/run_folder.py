@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -38,11 +39,14 @@ def check_writable(output_dir: Path) -> None:
         raise ConfigError(
             f"trainer.output_dir={path}: {existing} is a file, so the run folder cannot be created"
         )
-    if not os.access(existing, os.W_OK | os.X_OK):
+    try:  # a real write (root passes every permission test, not a read-only file system)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
         raise ConfigError(
-            f"trainer.output_dir={path}: {existing} is not writable by this user; choose a "
-            f"folder you can write to"
-        )
+            f"trainer.output_dir={path}: cannot write in {existing} ({err.strerror or err}); "
+            f"choose a folder you can write to"
+        ) from None
 
 
 def leftover_files(output_dir: Path) -> list[Path]:

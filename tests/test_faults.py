@@ -226,3 +226,80 @@ def test_causal_lm_as_reward_model_is_refused(tiny_model):
     terms = RewardConfig(terms=[{"name": f"model:{tiny_model}", "kwargs": {"label": 0}}])
     with pytest.raises(RewardError, match=r"newly initialised.*score"):
         RewardFunction(terms)
+
+
+# Tracebacks, silent acceptances and misleading messages --------------------------------------
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_model, tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    trainer = Trainer(cfg(tiny_model, out, trainer={"max_steps": 2, "save_every": 1}))
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "step-00000002" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 2.*No space left.*step-00000001"):
+        trainer.fit()
+    root = out / "checkpoints"
+    assert [p.name for p in root.iterdir()] == ["step-00000001"]  # no half-written folder
+    assert checkpoint.is_complete(root / "step-00000001")
+
+
+def test_exit_3_without_a_checkpoint_says_so_and_prints_no_summary(tiny_model, tmp_path, capsys):
+    import yaml
+
+    from kltrain.cli import main
+
+    config = tmp_path / "c.yaml"
+    raw = loop_config_raw(tiny_model, tmp_path / "run", kl={"max": 1e-9})
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["fit", str(config)]) == 3
+    captured = capsys.readouterr()
+    assert "no checkpoint was written yet" in captured.err
+    assert "is intact" not in captured.err
+    assert "summary" not in captured.out and "wrote" not in captured.out
+
+
+def test_unquoted_off_for_chat_template_is_the_word_off():
+    raw = {"data": {"chat_template": False}, "model": {"policy": "x"}}  # what YAML makes of `off`
+    assert config_from_dict(raw).data.chat_template == "off"
+    assert config_from_dict({"data": {"chat_template": True}}).data.chat_template == "on"
+
+
+def test_console_script_imports_from_the_current_folder(tmp_path):
+    """The console script runs with its own folder, not the current one, on sys.path (unlike
+    ``python -m kltrain``); a ``module:f`` next to the user's config must import under both."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "myf_i10.py").write_text(
+        "import torch\n\ndef f(u):\n    return (u - 1) ** 2\n"  # χ²: a valid f
+    )
+    (work / "c.yaml").write_text(yaml.safe_dump({"kl": {"divergence": "myf_i10:f"}}))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "kltrain"  # what pip writes for a console_scripts entry point
+    script.write_text("import sys\nfrom kltrain.cli import main\nsys.exit(main())\n")
+    env = {"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    for argv in ([str(script)], ["-m", "kltrain"]):
+        done = subprocess.run(
+            [sys.executable, *argv, "validate", "c.yaml", "model.policy=smollm2-135m"],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0 and "myf_i10" not in done.stderr, (argv, done.stderr)
+        assert "divergence: myf_i10:f" in done.stdout, (argv, done.stderr)
