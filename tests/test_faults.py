@@ -292,14 +292,14 @@ def test_console_script_imports_from_the_current_folder(tmp_path):
     script = bin_dir / "kltrain"  # what pip writes for a console_scripts entry point
     script.write_text("import sys\nfrom kltrain.cli import main\nsys.exit(main())\n")
     env = {"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    for argv in ([str(script)], ["-m", "kltrain"]):
-        done = subprocess.run(
-            [sys.executable, *argv, "validate", "c.yaml", "model.policy=smollm2-135m"],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0 and "myf_i10" not in done.stderr, (argv, done.stderr)
-        assert "divergence: myf_i10:f" in done.stdout, (argv, done.stderr)
+    # (`python -m kltrain` has the current folder on sys.path by itself; one child is enough)
+    done = subprocess.run(
+        [sys.executable, str(script), "validate", "c.yaml", "model.policy=smollm2-135m"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "myf_i10" not in done.stderr, done.stderr
+    assert "divergence: myf_i10:f" in done.stdout, done.stderr
