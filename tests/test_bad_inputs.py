@@ -165,7 +165,7 @@ CASES = [
         ["data.prompts={user}/p.jsonl"],
         prompts('{"prompt": "a"}\n{"text": "b"}\n'),
         2,
-        ["p.jsonl", "row 1", "'prompt'"],
+        ["p.jsonl", "row 1", "'prompt'", "rows count from 0"],
     ),
     (
         "long prompt error",
