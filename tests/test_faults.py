@@ -303,3 +303,31 @@ def test_console_script_imports_from_the_current_folder(tmp_path):
     )
     assert done.returncode == 0 and "myf_i10" not in done.stderr, done.stderr
     assert "divergence: myf_i10:f" in done.stdout, done.stderr
+
+
+def test_resume_restart_without_a_checkpoint_moves_the_old_files_aside(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    old = '{"step": 1, "reward/mean": 0.5}\n{"step": 2, "reward/mean": 0.7}\n'
+    (out / "metrics.jsonl").write_text(old)
+    Trainer(cfg(tiny_model, out, trainer={"max_steps": 1}), resume="auto").fit()
+    (aside,) = (out / "abandoned").iterdir()
+    assert aside.name.endswith("restart-without-checkpoint")
+    assert (aside / "metrics.jsonl").read_text() == old
+    assert [r["step"] for r in metric_rows(out)] == [1]
+
+
+def test_validate_checks_what_fit_needs_without_creating_anything(tiny_model, tmp_path, capsys):
+    import yaml
+
+    from kltrain.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(loop_config_raw(tiny_model, tmp_path / "run")))
+    assert main(["validate", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"# checked model.policy: local folder {tiny_model} (config and tokenizer read)" in out
+    assert "# checked data.prompts: builtin:movie_reviews" in out
+    assert "# checked reward term tests.helpers.loop_rewards:letter_e_count: built" in out
+    assert f"# checked trainer.output_dir: {tmp_path / 'run'} (writable)" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
