@@ -547,12 +547,12 @@ class Trainer:
     def _check_weights_finite(self, step: int) -> None:
         """A finite loss and gradient norm can still give non-finite weights (fp16 overflow in
         the optimiser): stop before they are sampled from or saved. One pass over the trainable
-        weights (Σ of their norms)."""
-        norms = torch._foreach_norm([p.detach() for p in self.params])
-        if math.isfinite(float(torch.stack([n.float() for n in norms]).sum())):
+        weights and one device sync (a norm could overflow in fp16 where no weight does)."""
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in self.params])
+        if bool(finite.all()):
             return
         names = {id(p): n for n, p in self.models.policy.named_parameters()}
-        bad = next(p for p, n in zip(self.params, norms) if not math.isfinite(float(n)))
+        bad = self.params[int((~finite).nonzero()[0])]
         raise TrainingStopped(
             f"step {step}: the optimiser update made the weights non-finite (first: "
             f"{names.get(id(bad), 'an algorithm module parameter')}, model.dtype="
