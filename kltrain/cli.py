@@ -1,8 +1,10 @@
 """``kltrain fit|validate|divergences``: parse, validate, launch. No training logic here.
 
-Exit codes of ``fit``: 0 done; 2 bad input — config, data, model, reward or checkpoint (the
-message names it); 3 a guard stopped the run (non-finite updates, ``kl.max``); 75 stopped on
-SIGTERM/SIGUSR1 after writing a complete checkpoint (rerun with ``--resume``).
+Exit codes of ``fit``: 0 done; 2 bad input — config, data, model, reward, run folder or
+checkpoint (the message names it; nothing the user had was changed), or a failed checkpoint save
+(the previous checkpoint is kept); 3 a guard stopped the run (non-finite updates or weights,
+``kl.max``); 75 stopped on SIGTERM/SIGUSR1 after writing a complete checkpoint (rerun with
+``--resume``).
 """
 
 from __future__ import annotations

@@ -162,6 +162,7 @@ class Trainer:
         self.logger = RunLogger(cfg, self.output_dir, acc)
         self.watcher = preemption.SignalWatcher()
         self._saved_step: int | None = None
+        self._truncated_prompts = 0  # this process's samples whose prompt was cut, this step
         self._before_step: dict[str, Any] | None = None
         self.resumed_from = resume_from
         if resume_from is not None:
