@@ -111,10 +111,11 @@ def _write(tmp, model, optimizer, scheduler, step, states, modules, rng, config_
 
 def _refuse_non_finite(step: int, modules: dict[str, torch.nn.Module]) -> None:
     """A checkpoint holding NaN or ±inf weights would be resumed into a dead run: never write
-    one (so none is ever marked complete)."""
+    one (so none is ever marked complete). A NaN or ±inf anywhere makes a tensor's fp32 sum
+    non-finite (one pass, no temporary of the tensor's size)."""
     for owner, module in modules.items():
         for name, tensor in module.state_dict().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not bool(tensor.sum(dtype=torch.float32).isfinite()):
                 raise CheckpointError(
                     f"refusing to save the checkpoint of step {step}: {owner} tensor {name} "
                     f"holds non-finite values (NaN or inf)"
