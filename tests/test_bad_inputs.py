@@ -284,7 +284,7 @@ CASES = [
         ["trainer.output_dir", "metrics.jsonl", "--overwrite"],
     ),
     (
-        "leftover samples and final",
+        "leftover samples and config",
         "fit",
         [],
         leftovers("samples.jsonl", "config.yaml"),
