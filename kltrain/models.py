@@ -36,7 +36,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kltrain.config import ModelConfig
+from kltrain.config import ConfigError, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +322,19 @@ def _load_error(name: str, resolved: str, what: str, err: Exception) -> ModelErr
             f"and pass its local folder instead. Cause: {type(err).__name__}: {err}"
         )
     return ModelError(f"could not load the {what} from {resolved}: {type(err).__name__}: {err}")
+
+
+def refuse_fp16_on_cpu(cfg: ModelConfig, device_type: str) -> None:
+    """Pure fp16 weights cannot be trained on a CPU: AdamW's ε and small second moments
+    underflow in fp16 and the first update turns weights to NaN."""
+    if device_type != "cpu":
+        return
+    for key in ("dtype", "reference_dtype"):
+        if getattr(cfg, key) == "fp16":
+            raise ConfigError(
+                f"model.{key}=fp16 cannot train on the CPU (fp16 weights and optimiser state "
+                f"underflow and turn to NaN); use fp32 (or bf16) on the CPU, fp16 only on a GPU"
+            )
 
 
 #: Files one of which a local folder needs for ``AutoTokenizer`` to find a tokenizer.

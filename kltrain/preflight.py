@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kltrain.config import ConfigError, RewardConfig, RunConfig
+from kltrain.config import RewardConfig, RunConfig
 from kltrain.models import (
     EMBEDDED_MODELS,
     ModelError,
@@ -19,21 +19,9 @@ from kltrain.models import (
     entry_problem,
     load_tokenizer,
     local_folder_problem,
+    refuse_fp16_on_cpu,
     resolve_model,
 )
-
-
-def refuse_fp16_on_cpu(cfg: RunConfig, device_type: str) -> None:
-    """Pure fp16 weights cannot be trained on a CPU: AdamW's ε and small second moments
-    underflow in fp16 and the first update turns weights to NaN."""
-    if device_type != "cpu":
-        return
-    for key in ("dtype", "reference_dtype"):
-        if getattr(cfg.model, key) == "fp16":
-            raise ConfigError(
-                f"model.{key}=fp16 cannot train on the CPU (fp16 weights and optimiser state "
-                f"underflow and turn to NaN); use fp32 (or bf16) on the CPU, fp16 only on a GPU"
-            )
 
 
 def check_can_start(cfg: RunConfig) -> list[str]:
@@ -41,7 +29,7 @@ def check_can_start(cfg: RunConfig) -> list[str]:
     import torch
 
     cuda = torch.cuda.is_available() and cfg.trainer.device != "cpu"
-    refuse_fp16_on_cpu(cfg, "cuda" if cuda else "cpu")
+    refuse_fp16_on_cpu(cfg.model, "cuda" if cuda else "cpu")
     lines = [check_model("model.policy", cfg.model.policy, tokenizer=True)]
     if cfg.model.reference:
         lines.append(check_model("model.reference", cfg.model.reference, tokenizer=True))

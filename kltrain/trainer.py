@@ -29,14 +29,14 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import get_scheduler
 
-from kltrain import checkpoint, preemption, preflight, run_folder
+from kltrain import checkpoint, preemption, run_folder
 from kltrain.algorithms import TrainBatch, make_algorithm
 from kltrain.chunked import TokenChunk, fused_token_loss
 from kltrain.config import ConfigError, RunConfig, prompts_per_process, to_yaml
 from kltrain.control import make_coef
 from kltrain.data import PromptSampler, load_prompts, process_share, render_prompt
 from kltrain.divergences import get_divergence
-from kltrain.models import Models, lm_head_params, load_models
+from kltrain.models import Models, lm_head_params, load_models, refuse_fp16_on_cpu
 from kltrain.objective import LOGGED_DIVERGENCES, build_regulariser
 from kltrain.prompt_length import count_truncated, screen_long_prompts
 from kltrain.rewards import RewardFunction
@@ -117,7 +117,7 @@ class Trainer:
             _refuse_existing_checkpoints(self.output_dir)
         if resume_from is None:
             run_folder.check_fresh_start(self.output_dir, config_path, overwrite or bool(resume))
-        preflight.refuse_fp16_on_cpu(cfg, acc.device.type)
+        refuse_fp16_on_cpu(cfg.model, acc.device.type)
         self.regulariser = build_regulariser(cfg.kl)
         prompts_per_process(cfg, acc.num_processes)  # the step's prompts split evenly: check now
         _check_minibatches(cfg, acc.num_processes)
