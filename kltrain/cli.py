@@ -1,13 +1,16 @@
 """``kltrain fit|validate|divergences``: parse, validate, launch. No training logic here.
 
-Exit codes of ``fit``: 0 done; 2 bad input — config, data, model, reward or checkpoint (the
-message names it); 3 a guard stopped the run (non-finite updates, ``kl.max``); 75 stopped on
-SIGTERM/SIGUSR1 after writing a complete checkpoint (rerun with ``--resume``).
+Exit codes of ``fit``: 0 done; 2 bad input — config, data, model, reward, run folder or
+checkpoint (the message names it; nothing the user had was changed), or a failed checkpoint save
+(the previous checkpoint is kept); 3 a guard stopped the run (non-finite updates or weights,
+``kl.max``); 75 stopped on SIGTERM/SIGUSR1 after writing a complete checkpoint (rerun with
+``--resume``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(a checkpoint or run folder); starts fresh when the run folder has none yet",
     )
     fit.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start fresh even though trainer.output_dir holds an earlier run's metrics.jsonl, "
+        "samples.jsonl, config.yaml or final/ (they are replaced)",
+    )
+    fit.add_argument(
         "--allow-config-change",
         action="store_true",
         help="resume even though run-changing config fields differ from the checkpoint's",
@@ -51,6 +60,7 @@ EXIT_STOPPED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
+    _cwd_importable()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides after an option (`fit cfg --resume PATH k=v`) land here
@@ -62,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"kltrain: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _cwd_importable() -> None:
+    """``python -m kltrain`` puts the current folder first on ``sys.path``, the ``kltrain``
+    console script does not: do it here too, so ``module:function`` in a config (a reward, a
+    user f) imports from the current folder the same way under both."""
+    cwd = os.getcwd()
+    if not any(os.path.abspath(p or ".") == cwd for p in sys.path):
+        sys.path.insert(0, cwd)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -77,9 +96,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from kltrain.algorithms import describe_objective
     from kltrain.objective import build_regulariser
+    from kltrain.preflight import check_can_start
 
     followed, line = describe_objective(cfg, build_regulariser(cfg.kl))
+    checked = check_can_start(cfg)  # models, data, rewards, run folder: would fit start?
     print(to_yaml(cfg, {"gradient_followed": followed}), end="")
+    for item in checked:
+        print(f"# checked {item}")
     print(f"# ok: {cfg.algorithm.name}, {line}")
     return 0
 
@@ -91,7 +114,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from kltrain.training.trainer import Trainer, TrainingStopped
 
     try:
-        Trainer(cfg, resume=resume, allow_config_change=args.allow_config_change).fit()
+        Trainer(
+            cfg,
+            resume=resume,
+            allow_config_change=args.allow_config_change,
+            overwrite=args.overwrite,
+            config_path=args.config,
+        ).fit()
     except TrainingStopped as err:
         print(f"kltrain: stopped: {err}", file=sys.stderr)
         return EXIT_STOPPED

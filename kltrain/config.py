@@ -59,8 +59,17 @@ class DataConfig(Section):
     prompt_column: str = "prompt"
     chat_template: Literal["auto", "on", "off"] = "auto"
     max_prompt_tokens: int = Field(128, gt=0)
+    on_long_prompt: Literal["truncate", "skip", "error"] = "truncate"
+    """A prompt longer than `max_prompt_tokens`: keep its end (counted per step as
+    `data/truncated_prompts`), drop the row at start-up, or stop at start-up naming it."""
     shuffle: bool = True
     system_prompt: str | None = None
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _yaml_bool(cls, value: Any) -> Any:
+        """YAML 1.1 reads an unquoted `off`/`on` as a boolean: take it as the word."""
+        return {False: "off", True: "on"}.get(value, value) if isinstance(value, bool) else value
 
 
 class GenerationConfig(Section):
@@ -279,6 +288,12 @@ class RunConfig(Section):
                 f"algorithm.num_generations must be ≥ 2 for {algo.name} (its baseline compares "
                 f"samples of the same prompt); got {algo.num_generations}"
             )
+        if samples_per_step(self) % algo.num_minibatches:
+            raise ValueError(
+                f"algorithm.num_minibatches={algo.num_minibatches} does not divide the "
+                f"{samples_per_step(self)} sequences per step (trainer.prompts_per_step × "
+                f"algorithm.num_generations)"
+            )
         _validate_ppo(self)
         if algo.name == "fdpg" or algo.fdpg is not None:
             validate_fdpg_config(self)
@@ -313,8 +328,8 @@ def _validate_divergence(kl: KLConfig) -> None:
     """Resolve the divergence now, so a bad name or parameter fails at load time."""
     try:
         get_divergence(kl.divergence, **kl.divergence_params())
-    except (ValueError, ImportError, AttributeError, TypeError) as err:
-        raise ValueError(f"kl.divergence: {err}") from err
+    except Exception as err:  # a user f's module may raise anything while importing
+        raise ValueError(f"kl.divergence: {type(err).__name__}: {err}") from err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,14 +488,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if raw is None:
+            raise ConfigError(
+                f"{path} is empty; a config names at least the model to train, e.g. "
+                f"`model: {{policy: smollm2-135m}}` (configs/quickstart.yaml is a complete one)"
+            )
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides or []:
         apply_override(raw, item)
-    return config_from_dict(raw, source=str(path) if path else "<overrides>")
+    source = str(path) if path else "<overrides>"
+    return config_from_dict(raw, source=source, overrides=overrides)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -498,25 +519,45 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+def config_from_dict(
+    raw: dict[str, Any], source: str = "<config>", overrides: list[str] | None = None
+) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, overrides or [])) from None
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config"]
-    for e in err.errors():
+def _format_errors(err: ValidationError, source: str, overrides: list[str]) -> str:
+    """One line per error; a key set by a command-line override says so (the YAML file did not
+    set it)."""
+    from_override = {item.partition("=")[0].strip(): item for item in overrides}
+    problems = err.errors()
+    keys = [".".join(str(p) for p in e["loc"] if not isinstance(p, int)) for e in problems]
+    all_overrides = bool(problems) and all(_override_for(k, from_override) for k in keys)
+    lines = [f"{'command-line overrides' if all_overrides else source}: invalid config"]
+    for e, plain in zip(problems, keys):
         key = ".".join(str(p) for p in e["loc"])
+        item = _override_for(plain, from_override)
+        origin = f" [from the override {item!r}]" if item else ""
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key{_suggest(e['loc'])}")
+            lines.append(f"  {key}: unknown key{_suggest(e['loc'])}{origin}")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             where = key or "config"
-            lines.append(f"  {where}: {e['msg']}{shown}")
+            lines.append(f"  {where}: {e['msg']}{shown}{origin}")
     return "\n".join(lines)
+
+
+def _override_for(key: str, from_override: dict[str, str]) -> str | None:
+    """The override that set ``key`` (or a section above it), if any."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        item = from_override.get(".".join(parts[:n]))
+        if item:
+            return item
+    return None
 
 
 def _suggest(loc: tuple[Any, ...]) -> str:

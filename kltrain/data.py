@@ -32,6 +32,9 @@ CHAT_TEMPLATE_MODES = ("auto", "on", "off")
 # Keyword names the reward call itself uses; a dataset column with one of these names would
 # collide with them when columns are passed to reward callables as kwargs.
 RESERVED_COLUMNS = ("prompts", "completions")
+#: Rows are dataset indices (from 0); a .jsonl's "line N" is the file's line (from 1, as editors
+#: show it). Every row message says which, since the two differ by one on the same line.
+ROWS_FROM_0 = "(rows count from 0, file lines from 1)"
 
 
 class DataError(ValueError):
@@ -184,7 +187,9 @@ def _rows_to_dataset(rows: list[dict[str, Any]], column: str, source: str) -> da
         )
     for i, row in enumerate(rows):
         if column not in row:
-            raise DataError(f"{source}: row {i} has no {column!r} (data.prompt_column)")
+            raise DataError(
+                f"{source}: row {i} has no {column!r} (data.prompt_column) {ROWS_FROM_0}"
+            )
     _check_prompts([row[column] for row in rows], source)
     try:
         return datasets.Dataset.from_dict({c: [row.get(c) for row in rows] for c in columns})
@@ -240,13 +245,16 @@ def _check_prompts(prompts: Sequence[Any], source: str) -> None:
     """Every prompt well formed (:func:`prompt_format`) and all of one format."""
     first_format = None
     for i, prompt in enumerate(prompts):
-        fmt = prompt_format(prompt, where=f"{source}: row {i}")
+        try:
+            fmt = prompt_format(prompt, where=f"{source}: row {i}")
+        except DataError as err:
+            raise DataError(f"{err} {ROWS_FROM_0}") from None
         if first_format is None:
             first_format = fmt
         elif fmt != first_format:
             raise DataError(
                 f"{source}: row {i} is a {fmt} prompt but row 0 is {first_format}; all rows must "
-                f"use one format (strings, or lists of {{role, content}} messages)"
+                f"use one format (strings, or lists of {{role, content}} messages) {ROWS_FROM_0}"
             )
 
 

@@ -93,6 +93,7 @@ def generate(
     tok = models.tokenizer
     policy = models.policy if model is None else model
     device = next(policy.parameters()).device
+    tok.truncation_side = "left"  # keep a long prompt's end: the text the completion continues
     enc = tok(
         prompt_texts,
         return_tensors="pt",

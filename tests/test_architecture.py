@@ -17,12 +17,18 @@ LAYERS: list[tuple[str, ...]] = [
     ("kltrain",),  # the package root: version only
     ("kltrain.divergence", "kltrain.rl"),  # pure tensor math: no models, config or I/O
     ("kltrain.config",),
-    ("kltrain.models", "kltrain.data", "kltrain.rewards", "kltrain.objective"),
+    (
+        "kltrain.models",
+        "kltrain.data",
+        "kltrain.prompt_length",
+        "kltrain.rewards",
+        "kltrain.objective",
+    ),
     ("kltrain.rollout",),
     ("kltrain.algorithms",),
     ("kltrain.training",),
     ("kltrain.experiments",),
-    ("kltrain.cli", "kltrain.__main__"),
+    ("kltrain.cli", "kltrain.__main__", "kltrain.preflight"),  # preflight: what validate checks
 ]
 
 

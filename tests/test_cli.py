@@ -28,9 +28,13 @@ def test_validate_prints_resolved_config_with_overrides(capsys):
     assert resolved["trainer"]["learning_rate"] > 0  # defaults are filled in
 
 
-def test_validate_does_not_load_models(capsys):
+def test_validate_answers_whether_fit_would_start(capsys):
+    # issue 10: validate printed "# ok" for a policy that does not exist
     code = main(["validate", str(ROOT / "configs/quickstart.yaml"), "model.policy=/no/such/model"])
-    assert code == 0  # only `fit` touches the model
+    assert code == 2
+    assert "model.policy: local model folder /no/such/model does not exist" in (
+        capsys.readouterr().err
+    )
 
 
 def test_refused_pair_exits_2_with_explanation(capsys):

@@ -572,7 +572,8 @@ def test_multi_class_reward_model_label(tmp_path):
 
 
 def test_reward_model_errors(tmp_path):
-    with pytest.raises(RewardError, match=r"could not load reward model .*offline only local"):
+    # a missing local folder is named as such (issue 10: it was reported as a hub-id failure)
+    with pytest.raises(RewardError, match=r"the local folder .*missing does not exist"):
         reward({"name": f"model:{tmp_path / 'missing'}"})
     make_reward_model(tmp_path)
     with pytest.raises(RewardError, match="unknown kwargs lable; a reward model takes label"):

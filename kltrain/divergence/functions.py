@@ -417,14 +417,26 @@ def _import_callable(path: str) -> Callable:
         raise ValueError(f"expected an import path 'pkg.module:function', got {path!r}")
     try:
         obj = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import {path!r}: {e}") from e
+    except Exception as e:  # the user's module may fail with anything while it imports
+        raise ValueError(f"cannot import {path!r}: {type(e).__name__}: {e}") from e
     if not callable(obj):
         raise ValueError(f"{path!r} is not callable")
     return obj
 
 
 def _check_user_f(div: Divergence) -> None:
+    try:
+        _check_user_f_values(div)
+    except ValueError:
+        raise
+    except Exception as e:  # a user f that raises on a tensor: say whose f and why
+        raise ValueError(
+            f"{div.name}: calling f (or f_prime) on a float64 tensor of ratios u raised "
+            f"{type(e).__name__}: {e}; f must map a tensor u > 0 to a tensor of f(u)"
+        ) from e
+
+
+def _check_user_f_values(div: Divergence) -> None:
     u = torch.logspace(-3, 3, 61, dtype=torch.float64)
     fu = div.f(u)
     f1 = float(div.f(torch.ones(1, dtype=torch.float64)))

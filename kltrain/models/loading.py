@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kltrain.config import ModelConfig
+from kltrain.config import ConfigError, ModelConfig
 from kltrain.models.embedded import EMBEDDED_MODELS, ensure_embedded
 from kltrain.models.errors import ModelError
 
@@ -61,9 +61,51 @@ def _load_error(name: str, resolved: str, what: str, err: Exception) -> ModelErr
     return ModelError(f"could not load the {what} from {resolved}: {type(err).__name__}: {err}")
 
 
+def refuse_fp16_on_cpu(cfg: ModelConfig, device_type: str) -> None:
+    """Pure fp16 weights cannot be trained on a CPU: AdamW's ε and small second moments
+    underflow in fp16 and the first update turns weights to NaN."""
+    if device_type != "cpu":
+        return
+    for key in ("dtype", "reference_dtype"):
+        if getattr(cfg, key) == "fp16":
+            raise ConfigError(
+                f"model.{key}=fp16 cannot train on the CPU (fp16 weights and optimiser state "
+                f"underflow and turn to NaN); use fp32 (or bf16) on the CPU, fp16 only on a GPU"
+            )
+
+
+#: Files one of which a local folder needs for ``AutoTokenizer`` to find a tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+)
+
+
+def local_folder_problem(resolved: str, tokenizer: bool) -> str | None:
+    """Why a local model folder cannot be loaded (no config.json, no safetensors weights, or —
+    with ``tokenizer`` — no tokenizer files), or None; None too for a name that is no folder."""
+    folder = Path(resolved).expanduser()
+    if not folder.is_dir():
+        return None
+    if not (folder / "config.json").is_file():
+        return f"{folder} has no config.json: it is not a transformers model folder"
+    if tokenizer and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return (
+            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it with "
+            f"tokenizer.save_pretrained({str(folder)!r})"
+        )
+    return None
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token (eos if it had none) and left padding (for generation)."""
     resolved = resolve_model(name)
+    problem = local_folder_problem(resolved, tokenizer=True)
+    if problem:  # else transformers guesses a tokenizer class and fails with an unrelated error
+        raise ModelError(problem)
     try:
         tok = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except Exception as err:

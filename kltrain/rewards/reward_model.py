@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from kltrain.rewards.errors import RewardError, check
 from kltrain.rewards.text import completion_text
+
+
+def require_local_folder(source: str, where: str) -> None:
+    """A name written as a path (``./rm``, ``/abs/rm``, ``a/b/c``) that does not exist is a
+    missing folder, not a hub id to look up."""
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+    if looks_local and not Path(source).expanduser().is_dir():
+        what = "is a file, not a model folder" if Path(source).exists() else "does not exist"
+        raise RewardError(f"{where}: the local folder {source} {what}")
+
+
+def _refuse_new_weights(where: str, info: dict[str, Any]) -> None:
+    """Weights transformers had to initialise at random (e.g. the classification head of a
+    causal LM loaded as a reward model) would make the reward noise."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise RewardError(
+            f"{where}: these weights are not in the checkpoint and were newly initialised at "
+            f"random: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}. It is not a "
+            f"trained sequence-classification reward model (a causal LM?), so its score would "
+            f"be noise; give a reward model trained with its classification head"
+        )
 
 
 class RewardModel:
@@ -66,18 +89,23 @@ class RewardModel:
             f"{where}: max_length ≥ 1 or null",
             max_length,
         )
+        require_local_folder(source, where)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 source, trust_remote_code=trust_remote_code
             )
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                source, trust_remote_code=trust_remote_code, dtype=self.DTYPES[dtype]
+            self.model, info = AutoModelForSequenceClassification.from_pretrained(
+                source,
+                trust_remote_code=trust_remote_code,
+                dtype=self.DTYPES[dtype],
+                output_loading_info=True,
             )
         except Exception as err:
             raise RewardError(
                 f"could not load {where} (a local folder or hub id of a sequence-classification "
                 f"model; offline only local folders work): {type(err).__name__}: {err}"
             ) from err
+        _refuse_new_weights(where, info)
         self.model.to(device).eval().requires_grad_(False)
         self.device = torch.device(device)
         self.batch_size = batch_size

@@ -72,10 +72,31 @@ def save(
 ) -> Path:
     """Write the checkpoint of ``step`` atomically and prune to the newest ``keep_last``."""
     root = Path(root)
+    _refuse_non_finite(step, {"model": model, **(modules or {})})
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(root)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f"{TMP_PREFIX}{PREFIX}{step:08d}-{os.getpid()}"
+    try:
+        _write(tmp, model, optimizer, scheduler, step, states, modules, rng, config_text)
+    except (OSError, RuntimeError) as err:  # disk full (torch.save says RuntimeError): the
+        # half-written folder goes, the previous checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest(root)
+        kept = f"the previous checkpoint {previous} is kept" if previous else "none was before"
+        raise CheckpointError(
+            f"could not write the checkpoint of step {step} into {root}: "
+            f"{getattr(err, 'strerror', None) or err} ({type(err).__name__}); nothing was "
+            f"marked complete, {kept}. Free space (or fix the folder's permissions) and rerun "
+            f"with --resume"
+        ) from err
+    _install(tmp, final)
+    prune(root, keep_last)
+    return final
+
+
+def _write(tmp, model, optimizer, scheduler, step, states, modules, rng, config_text) -> None:
+    """Every file of a checkpoint into ``tmp``, the ``COMPLETE`` marker last."""
     tmp.mkdir()
     model.save_pretrained(tmp / "model", safe_serialization=True)
     if modules:
@@ -93,9 +114,19 @@ def save(
     if config_text is not None:
         (tmp / "config.yaml").write_text(config_text)
     _write_durably(tmp / MARKER, "complete\n")
-    _install(tmp, final)
-    prune(root, keep_last)
-    return final
+
+
+def _refuse_non_finite(step: int, modules: dict[str, torch.nn.Module]) -> None:
+    """A checkpoint holding NaN or ±inf weights would be resumed into a dead run: never write
+    one (so none is ever marked complete). A NaN or ±inf anywhere makes a tensor's fp32 sum
+    non-finite (one pass, no temporary of the tensor's size)."""
+    for owner, module in modules.items():
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not bool(tensor.sum(dtype=torch.float32).isfinite()):
+                raise CheckpointError(
+                    f"refusing to save the checkpoint of step {step}: {owner} tensor {name} "
+                    f"holds non-finite values (NaN or inf)"
+                )
 
 
 def _remove_stale_tmp(root: Path) -> None:
@@ -232,7 +263,15 @@ def load_model(path: Path, model: torch.nn.Module) -> None:
     folder = Path(path) / "model"
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(str(file)))
+        try:
+            tensors.update(load_file(str(file)))
+        except Exception as err:  # SafetensorError for a truncated or corrupt file
+            raise CheckpointError(
+                f"{file} cannot be read ({type(err).__name__}: {err}); the checkpoint is "
+                f"damaged: resume from another one (--resume PATH) or remove it"
+            ) from err
+    if not tensors:
+        raise CheckpointError(f"{folder} holds no .safetensors weights; the checkpoint is damaged")
     if hasattr(model, "peft_config"):
         _load_adapter(folder, model, tensors)
         return

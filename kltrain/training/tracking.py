@@ -142,7 +142,8 @@ class RunLogger:
                 }
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    def finish(self) -> dict[str, float]:
+    def finish(self, completed: bool = True) -> dict[str, float]:
+        """Close the trackers; for a ``completed`` run, print the summary and the folder."""
         if self.cfg.tracking.wandb.mode != "disabled":
             self.acc.end_training()
         if not self.main:
@@ -150,7 +151,7 @@ class RunLogger:
         if self.bar is not None:
             self.bar.close()
         summary = summarise(self.history, trained_metric=self.trained_metric)
-        if summary:
+        if summary and completed:
             print("kltrain: summary " + summary_line(summary, self.reward_is_raw), flush=True)
             print(f"kltrain: wrote {self.dir}", flush=True)
         return summary

@@ -35,13 +35,14 @@ from kltrain.config import ConfigError, RunConfig, prompts_per_process, to_yaml
 from kltrain.data import PromptSampler, load_prompts, process_share, render_prompt
 from kltrain.divergence.functions import get_divergence
 from kltrain.divergence.lm_head import TokenChunk, fused_token_loss
-from kltrain.models.loading import Models, load_models
+from kltrain.models.loading import Models, load_models, refuse_fp16_on_cpu
 from kltrain.models.logits import lm_head_params
 from kltrain.objective import LOGGED_DIVERGENCES, build_regulariser
-from kltrain.rewards.function import RewardFunction
+from kltrain.prompt_length import count_truncated, screen_long_prompts
+from kltrain.rewards import RewardFunction
 from kltrain.rl.coef import make_coef
 from kltrain.rollout import Rollout, completion_hidden, generate, measure
-from kltrain.training import checkpoint, preemption
+from kltrain.training import checkpoint, preemption, run_folder
 from kltrain.training.tracking import RunLogger, StepResult
 
 #: Per-token statistics summed inside the lm_head kernel over this process's tokens (each
@@ -91,6 +92,8 @@ class Trainer:
         accelerator: Accelerator | None = None,
         resume: str | None = None,
         allow_config_change: bool = False,
+        overwrite: bool = False,
+        config_path: str | None = None,
     ):
         resume = resume or cfg.trainer.resume
         resume_from = None
@@ -103,15 +106,20 @@ class Trainer:
         acc = self.accelerator
         set_seed(cfg.seed, device_specific=True)  # per-process sampling seeds
         self.output_dir = _shared_output_dir(cfg, acc)
+        run_folder.check_writable(self.output_dir)
         if not resume:
             _refuse_existing_checkpoints(self.output_dir)
+        if resume_from is None:
+            run_folder.check_fresh_start(self.output_dir, config_path, overwrite or bool(resume))
+        refuse_fp16_on_cpu(cfg.model, acc.device.type)
         self.regulariser = build_regulariser(cfg.kl)
         prompts_per_process(cfg, acc.num_processes)  # the step's prompts split evenly: check now
+        _check_minibatches(cfg, acc.num_processes)
         self.models: Models = load_models(cfg.model)
         self.models.policy.to(acc.device)
         if self.models.reference is not None:
             self.models.reference.to(acc.device)
-        self.dataset = load_prompts(cfg.data)
+        self.dataset = screen_long_prompts(load_prompts(cfg.data), self.models.tokenizer, cfg.data)
         self.sampler = PromptSampler(len(self.dataset), seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.reward_fn = RewardFunction(
             cfg.reward, device=acc.device, trust_remote_code=cfg.model.trust_remote_code
@@ -148,10 +156,39 @@ class Trainer:
         self.logger = RunLogger(cfg, self.output_dir, acc)
         self.watcher = preemption.SignalWatcher()
         self._saved_step: int | None = None
+        self._truncated_prompts = 0  # this process's samples whose prompt was cut, this step
         self._before_step: dict[str, Any] | None = None
         self.resumed_from = resume_from
         if resume_from is not None:
             self._restore(resume_from, allow_config_change)
+        if acc.is_main_process:  # every check passed: only now is anything in the folder moved
+            self._set_aside_abandoned(resume_from, restart=bool(resume) and not overwrite)
+        acc.wait_for_everyone()
+
+    def _set_aside_abandoned(self, resume_from: Path | None, restart: bool) -> None:
+        """Keep, under ``abandoned/``, what a timeline this run does not continue left behind:
+        the checkpoints newer than the one resumed and ``final/`` (moved), and the logs that are
+        about to be cut back (copied); or, for a ``--resume`` restart of a run that never saved
+        a checkpoint, that run's files (moved)."""
+        out = self.output_dir
+        if resume_from is None:
+            moved = run_folder.leftover_files(out) if restart else []
+            copied, why = [], "restart-without-checkpoint"
+        else:
+            step = self.state.step
+            newer = [
+                p
+                for p in checkpoint.list_complete(out / "checkpoints")
+                if int(p.name.removeprefix(checkpoint.PREFIX)) > step
+            ]
+            if not newer:
+                return
+            moved = [*newer, out / "final"]
+            copied, why = [out / "metrics.jsonl", out / "samples.jsonl"], f"after-step-{step}"
+        dest = run_folder.set_aside(out, moved, copied, why)
+        if dest is not None:
+            names = ", ".join(p.name for p in moved if not p.exists())
+            print(f"kltrain: moved the abandoned timeline's {names} to {dest}", flush=True)
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """The policy's trainable parameters at ``trainer.learning_rate``, then the algorithm's
@@ -190,9 +227,10 @@ class Trainer:
                     if self.state.step < cfg.trainer.max_steps and self._stop_requested():
                         self._stop_for_signal()  # (after the last step, finishing is quicker)
             self.save_final()
-        finally:
-            summary = self.logger.finish()
-        return summary
+        except BaseException:
+            self.logger.finish(completed=False)  # no summary, no "wrote": the run did not finish
+            raise
+        return self.logger.finish()
 
     def train_step(self) -> StepResult:
         clock = _Clock()
@@ -216,6 +254,7 @@ class Trainer:
             **self._divergence_metrics(rollout),
             **batch.metrics,
             **update_metrics,
+            "data/truncated_prompts": float(self._global_count(self._truncated_prompts)),
         }
         if self.algorithm.uses_regulariser:  # under f-DPG, kl.* names the objective instead
             metrics[f"train/{self.regulariser.metric_name}"] = trained
@@ -239,6 +278,9 @@ class Trainer:
             render_prompt(self.models.tokenizer, p, cfg.data.chat_template, cfg.data.system_prompt)
             for p in prompts
         ]
+        self._truncated_prompts = count_truncated(
+            self.models.tokenizer, texts, cfg.data.max_prompt_tokens
+        )
         gen = cfg.generation
         sampler = self.algorithm.sampling_model(self.models)
         input_ids, attention_mask, completion_mask, prompt_len = generate(
@@ -357,7 +399,10 @@ class Trainer:
         loss_total = torch.zeros((), device=self.accelerator.device)
         micro = self.cfg.trainer.micro_batch_size
         for start in range(0, len(rows), micro):
-            loss = self._micro_batch_loss(batch, rows[start : start + micro], num_tokens, sums)
+            part = rows[start : start + micro]
+            if not mask[start : start + micro].any():
+                continue  # every sample invalid (reward.on_invalid: skip): no loss, no gradient
+            loss = self._micro_batch_loss(batch, part, num_tokens, sums)
             loss.backward()
             loss_total += loss.detach()
         self._all_reduce_gradients()
@@ -368,6 +413,7 @@ class Trainer:
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
+            self._check_weights_finite(step)
             self.state.consecutive_skips = 0
         else:
             self._record_skip(step, "loss" if not math.isfinite(loss_value) else "gradient norm")
@@ -490,17 +536,38 @@ class Trainer:
         if self.state.consecutive_skips >= limit:
             raise TrainingStopped(
                 f"step {step}: non-finite {quantity} in {limit} consecutive optimiser updates "
-                f"(trainer.max_consecutive_skips={limit}); stopping (the last checkpoint in "
-                f"{self.output_dir / 'checkpoints'} is intact)"
+                f"(trainer.max_consecutive_skips={limit}); stopping ({self._checkpoint_note()})"
             )
+
+    def _check_weights_finite(self, step: int) -> None:
+        """A finite loss and gradient norm can still give non-finite weights (fp16 overflow in
+        the optimiser): stop before they are sampled from or saved. Cheap: one fp32 sum per
+        tensor (a NaN or ±inf anywhere makes it non-finite; no weight is large enough to overflow
+        an fp32 sum), one device sync; the per-element search runs only on failure."""
+        sums = torch.stack([p.detach().sum(dtype=torch.float32) for p in self.params])
+        if bool(sums.isfinite().all()):
+            return
+        names = {id(p): n for n, p in self.models.policy.named_parameters()}
+        bad = next(p for p in self.params if not bool(torch.isfinite(p).all()))
+        raise TrainingStopped(
+            f"step {step}: the optimiser update made the weights non-finite (first: "
+            f"{names.get(id(bad), 'an algorithm module parameter')}, model.dtype="
+            f"{self.cfg.model.dtype}); stopping without saving them ({self._checkpoint_note()})"
+        )
+
+    def _checkpoint_note(self) -> str:
+        """What a stopped run leaves to resume from, stated truthfully."""
+        found = checkpoint.latest(self.output_dir / "checkpoints")
+        if found is None:
+            return "no checkpoint was written yet (trainer.save_every sets how often)"
+        return f"the last checkpoint, {found}, is intact"
 
     def _check_divergence_limit(self, step: int, value: float) -> None:
         limit = self.cfg.kl.max
         if limit is not None and value > limit:
             raise TrainingStopped(
                 f"step {step}: {self.regulariser.metric_name} per sequence is {value:.4g}, above "
-                f"kl.max={limit}; stopping before this step's update (the last checkpoint in "
-                f"{self.output_dir / 'checkpoints'} is intact)"
+                f"kl.max={limit}; stopping before this step's update ({self._checkpoint_note()})"
             )
 
     # ------------------------------------------------------------------------------------------
@@ -656,6 +723,18 @@ def _refuse_existing_checkpoints(output_dir: Path) -> None:
         )
 
 
+def _check_minibatches(cfg: RunConfig, world_size: int) -> None:
+    """Each process's sequences per step split into ``algorithm.num_minibatches`` equal parts."""
+    per_process = prompts_per_process(cfg, world_size) * cfg.algorithm.num_generations
+    n = cfg.algorithm.num_minibatches
+    if per_process % n:
+        raise ConfigError(
+            f"algorithm.num_minibatches={n} does not divide each process's {per_process} "
+            f"sequences per step (trainer.prompts_per_step / processes × "
+            f"algorithm.num_generations); use a divisor of {per_process}"
+        )
+
+
 def _make_accelerator(cfg: RunConfig) -> Accelerator:
     log_with = "wandb" if cfg.tracking.wandb.mode != "disabled" else None
     return Accelerator(cpu=cfg.trainer.device == "cpu", log_with=log_with)
@@ -666,7 +745,4 @@ def _shared_output_dir(cfg: RunConfig, acc: Accelerator) -> Path:
     holder = [str(cfg.resolved_output_dir()) if acc.is_main_process else None]
     if acc.num_processes > 1:
         broadcast_object_list(holder)
-    path = Path(holder[0])
-    if acc.is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(holder[0])  # created by the first write, after every check has passed
