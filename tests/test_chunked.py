@@ -164,7 +164,8 @@ def assert_loss_close(got, want, magnitude, rtol=None):
     absolute sum of its terms (float64): a sum that cancels is only accurate to the terms'
     size."""
     rtol = chunk_value_rtol() if rtol is None else rtol
-    assert abs(float(got) - float(want)) <= rtol * float(magnitude), (got, want, magnitude)
+    got, want = float(got.detach()), float(want.detach())
+    assert abs(got - want) <= rtol * float(magnitude), (got, want, magnitude)
 
 
 def as64(t):
