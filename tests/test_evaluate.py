@@ -203,7 +203,7 @@ def test_eval_divergences_match_an_independent_float64_computation(
 
 def test_eval_is_deterministic_and_leaves_the_callers_rng_alone(tiny_pair, tmp_path):
     raw = loop_config_raw(tiny_pair[0], tmp_path / "run")
-    raw["reward"]["terms"][0]["transforms"] = ["whiten"]  # stateful: must be restored
+    raw["reward"]["terms"][0]["transforms"] = [{"name": "whiten", "running": True}]
     cfg = config_from_dict(raw)
     models = load_models(cfg.model)
     data = ev.EvalData(load_prompts(cfg.data), list(range(4)), "test")
