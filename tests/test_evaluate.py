@@ -269,3 +269,28 @@ def test_kltrain_eval_writes_eval_json_deterministically(tiny_pair, tmp_path, ca
     assert again["metrics"] == first["metrics"]
     assert main(["eval", str(tmp_path / "nothing")]) == 2
     assert "neither a complete checkpoint" in capsys.readouterr().err
+
+
+def test_fdpg_eval_reports_target_divergences_and_leaves_the_algorithm_alone(tiny_pair, tmp_path):
+    from kltrain.trainer import Trainer
+
+    rows = {}
+    for name, every in (("plain", 0), ("eval", 1)):
+        raw = loop_config_raw(
+            tiny_pair[0], tmp_path / name, data={"heldout_prompts": 4},
+            generation={"min_new_tokens": 0}, kl={"divergence": "js"},
+            algorithm={"name": "fdpg", "num_generations": 4, "fdpg": {"target": "constraint"}},
+            reward={"terms": [{"name": "tests.helpers.fdpg_rewards:has_letter_e"}]},
+            trainer={"eval_every": every, "micro_batch_size": 8},
+        )  # fmt: skip
+        raw["kl"] = {"divergence": "js"}
+        Trainer(config_from_dict(raw)).fit()
+        rows[name] = _rows(tmp_path / name / "metrics.jsonl")
+    for row in rows["eval"]:
+        assert 0 <= row["eval/fdpg/alignment/constraint"] <= 1
+        assert 0 <= row["eval/fdpg/target_divergence/js"] <= math.log(2) + 1e-9
+        assert math.isfinite(row["eval/fdpg/log_z"])
+    for a, b in zip(rows["plain"], rows["eval"], strict=True):  # Z, λ and step count restored
+        assert {k: v for k, v in a.items() if not k.startswith("time/")} == {
+            k: v for k, v in b.items() if not k.startswith(("time/", "eval/"))
+        }
