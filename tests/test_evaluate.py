@@ -284,8 +284,12 @@ def test_fdpg_eval_reports_target_divergences_and_leaves_the_algorithm_alone(tin
             trainer={"eval_every": every, "micro_batch_size": 8},
         )  # fmt: skip
         raw["kl"] = {"divergence": "js"}
-        Trainer(config_from_dict(raw)).fit()
+        trainer = Trainer(config_from_dict(raw))
+        trainer.fit()
         rows[name] = _rows(tmp_path / name / "metrics.jsonl")
+    before = json.dumps(trainer.algorithm.state_dict(), default=str)
+    assert "eval/fdpg/target_divergence/js" in trainer.evaluate_heldout()
+    assert json.dumps(trainer.algorithm.state_dict(), default=str) == before
     for row in rows["eval"]:
         assert 0 <= row["eval/fdpg/alignment/constraint"] <= 1
         assert 0 <= row["eval/fdpg/target_divergence/js"] <= math.log(2) + 1e-9
