@@ -298,3 +298,36 @@ def test_fdpg_eval_reports_target_divergences_and_leaves_the_algorithm_alone(tin
         assert {k: v for k, v in a.items() if not k.startswith("time/")} == {
             k: v for k, v in b.items() if not k.startswith(("time/", "eval/"))
         }
+
+
+def test_heldout_prompts_never_share_a_training_prompts_z_estimate(tiny_pair, tmp_path):
+    from kltrain.algorithms import make_algorithm
+
+    raw = loop_config_raw(
+        tiny_pair[0], tmp_path / "run", generation={"min_new_tokens": 0},
+        algorithm={"name": "fdpg", "num_generations": 4, "fdpg": {"target": "constraint"}},
+        reward={"terms": [{"name": "tests.helpers.fdpg_rewards:has_letter_e"}]},
+    )  # fmt: skip
+    raw["kl"] = {"divergence": "js"}
+    cfg = config_from_dict(raw)
+    models = load_models(cfg.model)
+    data = ev.EvalData(load_prompts(cfg.data), [0, 1], "test")
+    figures = []
+    for stale in (False, True):
+        algorithm = make_algorithm(cfg)
+        algorithm.setup(models)
+        if stale:  # a training prompt with row number 0 and a far-off Z
+            algorithm.log_z.update(0, torch.full((4,), 30.0, dtype=torch.float64))
+        figures.append(
+            ev.evaluate_policy(
+                models,
+                cfg,
+                data,
+                samples_per_prompt=4,
+                seed=1,
+                progress=False,
+                reward_fn=RewardFunction(cfg.reward),
+                algorithm=algorithm,
+            )
+        )
+    assert figures[0]["fdpg/log_z"] == figures[1]["fdpg/log_z"] < 1

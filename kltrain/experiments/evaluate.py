@@ -22,6 +22,7 @@ Every name is the loop's metric name (README "What a run writes"), prefixed ``ev
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -268,7 +269,12 @@ def _accumulate(sums: _Sums, rollout: Rollout, divergences, dataset, reward_fn, 
     sums.groups += [rollout.completions[i : i + k] for i in range(0, rollout.num_sequences, k)]
     if algorithm is not None:
         rollout.rewards_per_term = dict(result.per_term)
-        batch = algorithm.prepare(rollout, result.total.to(mask.device, torch.float32), None)
+        # Z is kept per prompt key: held-out prompts get keys of their own ("eval:<row>"), so
+        # none starts from the estimate of the training prompt that has the same row number
+        keyed = dataclasses.replace(
+            rollout, prompt_indices=[f"eval:{i}" for i in rollout.prompt_indices]
+        )
+        batch = algorithm.prepare(keyed, result.total.to(mask.device, torch.float32), None)
         for key, value in batch.metrics.items():
             if key.startswith(FDPG_KEYS):
                 _add(sums.fdpg, key, float(value))
