@@ -230,3 +230,10 @@ def test_failed_child_reports_its_exit_code_and_last_error_line(tmp_path):
     code = "import sys; print('kltrain: error: data.prompts: file not found: x.jsonl'); sys.exit(2)"
     outcome = sw._run_child([sys.executable, "-c", code], {}, threading.Event(), tmp_path / "l.log")
     assert outcome == sw.Outcome(2, "kltrain: error: data.prompts: file not found: x.jsonl")
+
+
+@pytest.mark.parametrize("name", ["sweep_divergence.yaml", "sweep_fdpg.yaml"])
+def test_shipped_sweeps_expand_and_validate(name):
+    sweep = sw.load_sweep(Path(__file__).parents[1] / "configs" / name)
+    assert len(sweep.members) == 8 and len({m.name for m in sweep.members}) == 8
+    assert sweep.spec.evaluate is not None
