@@ -79,7 +79,7 @@ def test_table_numbers_are_the_seed_means_and_sample_stds(sweep_dir):
     assert rkl["held-out reward"] == pytest.approx((0.68, 0.04 / math.sqrt(2)))
     assert rkl["held-out reverse KL"] == pytest.approx((1.1, 0.2 / math.sqrt(2)))
     assert rows["divergence=js"]["held-out JS"] == pytest.approx((0.225, 0.05 / math.sqrt(2)))
-    assert rkl["steps"][0] == 4 and rkl["train s"][0] == 8.0
+    assert rkl["steps"][0] == 4 and rkl["train time (s)"][0] == 8.0
     table = rp.markdown_table(list(rows.values()))
     assert "| divergence=reverse_kl (2) | 0.635 ± 0.026 | 0.680 ± 0.028 | 1.100 ± 0.141 |" in table
 

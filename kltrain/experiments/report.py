@@ -7,7 +7,7 @@ mean over its seeds ± the sample standard deviation (n − 1; blank for one see
 - ``reward (last 3)``: the mean of ``reward/mean`` over the run's last three training steps;
 - ``held-out ...``: from the run's ``eval.json`` (``kltrain eval``): ``eval/reward/mean``,
   ``eval/divergence/{reverse_kl,forward_kl,js}`` (nats per sequence), distinct-2, self-BLEU;
-- ``steps``: the last logged step; ``train s``: Σ ``time/step_seconds``.
+- ``steps``: the last logged step; ``train time (s)``: Σ ``time/step_seconds``.
 
 Plots (one colour per divergence, the same in every plot; seeds as a min–max band around their
 mean): reward vs step, reverse KL to the reference vs step, and held-out reward against
@@ -90,7 +90,7 @@ class Run:
         out = {"reward (last 3)": statistics.fmean(reward[-3:]) if reward else math.nan}
         out.update({label: float(self.eval.get(key, math.nan)) for label, key in HELDOUT.items()})
         out["steps"] = float(self.history[-1]["step"]) if self.history else math.nan
-        out["train s"] = sum(seconds)
+        out["train time (s)"] = sum(seconds)
         return out
 
 
@@ -197,7 +197,7 @@ def _cell(key: str, value: tuple[float, float]) -> str:
     mean, std = value
     if not math.isfinite(mean):
         return "—"
-    if key in ("steps", "train s"):
+    if key in ("steps", "train time (s)"):
         return f"{mean:.0f}"
     return f"{mean:.3f}" + (f" ± {std:.3f}" if math.isfinite(std) else "")
 
@@ -233,6 +233,7 @@ def plot_over_steps(runs: Sequence[Run], key: str, ylabel: str, title: str, path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     order = sorted({r.divergence for r in runs})
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
@@ -246,10 +247,12 @@ def plot_over_steps(runs: Sequence[Run], key: str, ylabel: str, title: str, path
         if not steps:
             continue
         colour = colour_of(div, order)
-        ax.plot(steps, mean, style, color=colour, label=f"{label} (n={len(members)})")
+        band = "; band: min–max over seeds" if len(members) > 1 else ""
+        ax.plot(steps, mean, style, color=colour, label=f"{label} (n={len(members)}{band})")
         if len(members) > 1:
             ax.fill_between(steps, low, high, color=colour, alpha=0.18, linewidth=0)
     ax.set(xlabel="training step", ylabel=ylabel, title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
