@@ -237,3 +237,16 @@ def test_shipped_sweeps_expand_and_validate(name):
     sweep = sw.load_sweep(Path(__file__).parents[1] / "configs" / name)
     assert len(sweep.members) == 8 and len({m.name for m in sweep.members}) == 8
     assert sweep.spec.evaluate is not None
+
+
+def test_extras_match_numbers_and_booleans_as_written(tmp_path):
+    path = write_sweep(
+        tmp_path,
+        grid={"kl.coef": [0.1, 1], "data.shuffle": [True, False]},
+        extras={"kl.coef": {0.1: {"kl.chunk_size": 64}}, "data.shuffle": {True: {"seed": 7}}},
+    )
+    resolved = {m.name: m.resolved for m in sw.load_sweep(path).members}
+    assert resolved["coef=0.1,shuffle=true"]["kl.chunk_size"] == 64
+    assert resolved["coef=0.1,shuffle=true"]["seed"] == 7
+    assert "kl.chunk_size" not in resolved["coef=1,shuffle=false"]
+    assert "seed" not in resolved["coef=1,shuffle=false"]

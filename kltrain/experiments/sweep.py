@@ -71,7 +71,9 @@ class SweepFile(BaseModel):
     overrides: dict[str, Any] = Field(default_factory=dict)
     members: list[dict[str, Any]] = Field(default_factory=list)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
-    extras: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
+    extras: dict[str, dict[Any, dict[str, Any]]] = Field(default_factory=dict)
+    """``{key: {value: overrides}}``: added to every member whose ``key`` has that value (a
+    number or boolean matches as written in YAML: ``kl.coef: {0.1: {...}}``)."""
     evaluate: SweepEvaluate | None = None
 
 
@@ -143,7 +145,9 @@ def expand(spec: SweepFile, folder: Path) -> list[Member]:
         resolved = {**spec.overrides, **overrides}
         for key, per_value in spec.extras.items():
             value = resolved.get(key)
-            resolved.update(per_value.get(str(value), {}))
+            for match, added in per_value.items():
+                if match == value and type(match) is type(value):  # 1 ≠ True, "1" ≠ 1
+                    resolved.update(added)
         resolved["trainer.output_dir"] = str(folder / name)
         resolved["tracking.wandb.group"] = spec.name
         resolved["tracking.wandb.run_name"] = name
