@@ -1,4 +1,5 @@
-"""``kltrain fit|validate|divergences``: parse, validate, launch. No training logic here.
+"""``kltrain fit|validate|sweep|eval|compare|divergences``: parse, validate, launch. No training
+logic here.
 
 Exit codes of ``fit``: 0 done; 2 bad input — config, data, model, reward, run folder or
 checkpoint (the message names it; nothing the user had was changed), or a failed checkpoint save
@@ -51,7 +52,28 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("config")
     val.add_argument("overrides", nargs="*")
     sub.add_parser("divergences", help="list the divergences and estimators")
+    _add_experiment_parsers(sub)
     return parser
+
+
+def _add_experiment_parsers(sub) -> None:
+    """``sweep``, ``eval`` and ``compare`` (kltrain/experiments/)."""
+    sweep = sub.add_parser("sweep", help="run every member of a sweep file (resumable)")
+    sweep.add_argument("sweep_file", help="a sweep YAML, e.g. configs/sweep_divergence.yaml")
+    sweep.add_argument("--parallel", type=int, default=1, metavar="N", help="members at once")
+    sweep.add_argument("--dry-run", action="store_true", help="list the members; run nothing")
+    sweep.add_argument("--output-dir", help="the sweep folder (default: the file's output_dir)")
+    ev = sub.add_parser("eval", help="evaluate a run or checkpoint on held-out prompts")
+    ev.add_argument("run", help="a run folder (its newest checkpoint) or a checkpoint folder")
+    ev.add_argument(
+        "--prompts", help="a prompt file or builtin:<name> (default: the held-out split)"
+    )
+    ev.add_argument("--samples-per-prompt", type=int, help="default: algorithm.num_generations")
+    ev.add_argument("--num-prompts", type=int, help="evaluate at most this many prompts")
+    ev.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    cmp = sub.add_parser("compare", help="table, plots and report.html over runs or a sweep")
+    cmp.add_argument("runs", nargs="+", help="run folders, or one sweep folder")
+    cmp.add_argument("--out", help="report folder (default: <sweep folder>/report)")
 
 
 #: Exit codes (see the module docstring; 75, after a preemption, comes from ``Preempted``).
@@ -152,4 +174,52 @@ def cmd_divergences(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "validate": cmd_validate, "divergences": cmd_divergences}
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Exit 0 all finished, 1 a member failed, 75 stopped by a signal (rerun to continue)."""
+    from kltrain.experiments import sweep as sw
+
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel must be ≥ 1; got {args.parallel}")
+    spec = sw.load_sweep(args.sweep_file, args.output_dir)  # every member validated here
+    print(sw.describe(spec), flush=True)
+    if args.dry_run:
+        return 0
+    stop = sw.threading.Event()
+    sw.install_stop_handlers(stop)
+    return sw.run_sweep(spec, parallel=args.parallel, stop=stop)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kltrain.experiments.evaluate import evaluate_run
+
+    if args.samples_per_prompt is not None and args.samples_per_prompt < 1:
+        raise ConfigError(f"--samples-per-prompt must be ≥ 1; got {args.samples_per_prompt}")
+    path, report = evaluate_run(
+        args.run,
+        samples_per_prompt=args.samples_per_prompt,
+        seed=args.seed,
+        num_prompts=args.num_prompts,
+        prompts=args.prompts,
+    )
+    for key, value in report["metrics"].items():
+        print(f"  {key:<40} {value:.6g}")
+    print(f"kltrain: wrote {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from kltrain.experiments.report import compare
+
+    out = compare(args.runs, args.out)
+    print(f"kltrain: wrote {out / 'report.md'}, {out / 'report.html'} and the plots in {out}")
+    return 0
+
+
+COMMANDS = {
+    "fit": cmd_fit,
+    "validate": cmd_validate,
+    "divergences": cmd_divergences,
+    "sweep": cmd_sweep,
+    "eval": cmd_eval,
+    "compare": cmd_compare,
+}

@@ -64,6 +64,11 @@ class DataConfig(Section):
     `data/truncated_prompts`), drop the row at start-up, or stop at start-up naming it."""
     shuffle: bool = True
     system_prompt: str | None = None
+    heldout_prompts: int = Field(0, ge=0)
+    """Prompts set aside for evaluation (``kltrain eval``, ``trainer.eval_every``): training never
+    samples them. Chosen by ``heldout_seed``, not the run's seed, so every run of a sweep over
+    seeds holds out the same prompts."""
+    heldout_seed: int = 0
 
     @field_validator("chat_template", mode="before")
     @classmethod
@@ -264,6 +269,8 @@ class TrainerConfig(Section):
     gradient norm."""
     log_samples_every: int = Field(5, ge=0)
     eval_every: int = Field(0, ge=0)
+    """Every N steps, evaluate on the ``data.heldout_prompts`` split and log ``eval/*`` (as
+    ``kltrain eval``; 0: never)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -295,6 +302,12 @@ class RunConfig(Section):
                 f"algorithm.num_generations)"
             )
         _validate_ppo(self)
+        if self.trainer.eval_every and not self.data.heldout_prompts:
+            raise ValueError(
+                f"trainer.eval_every={self.trainer.eval_every} evaluates on held-out prompts: set "
+                f"data.heldout_prompts (e.g. 16) so that training leaves some out, or set "
+                f"trainer.eval_every=0"
+            )
         if algo.name == "fdpg" or algo.fdpg is not None:
             validate_fdpg_config(self)
         return self

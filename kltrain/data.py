@@ -362,6 +362,35 @@ def render_prompt(
 
 
 # ----------------------------------------------------------------------------------------------
+# Held-out split
+
+
+def heldout_indices(num_prompts: int, count: int, seed: int) -> list[int]:
+    """The ``count`` dataset indices set aside for evaluation, sorted: the first ``count`` of
+    ``numpy.random.default_rng([seed, 1 << 20]).permutation(num_prompts)`` (a stream of its own,
+    so it never coincides with a sampler epoch's order). ``count`` must leave ≥ 1 for training."""
+    if count == 0:
+        return []
+    if count >= num_prompts:
+        raise DataError(
+            f"data.heldout_prompts={count} leaves no prompt to train on: the dataset has "
+            f"{num_prompts} prompts; use at most {num_prompts - 1}"
+        )
+    order = np.random.default_rng([seed, 1 << 20]).permutation(num_prompts)
+    return sorted(int(i) for i in order[:count])
+
+
+def split_heldout(ds: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.Dataset, list[int]]:
+    """(the training rows, the held-out dataset indices) for ``data.heldout_prompts``. Training
+    samples only the returned rows, so it never sees a held-out prompt."""
+    held = heldout_indices(len(ds), cfg.heldout_prompts, cfg.heldout_seed)
+    if not held:
+        return ds, []
+    held_set = set(held)
+    return ds.select([i for i in range(len(ds)) if i not in held_set]), held
+
+
+# ----------------------------------------------------------------------------------------------
 # Order
 
 

@@ -32,7 +32,13 @@ from transformers import get_scheduler
 
 from kltrain.algorithms import TrainBatch, make_algorithm
 from kltrain.config import ConfigError, RunConfig, prompts_per_process, to_yaml
-from kltrain.data import PromptSampler, load_prompts, process_share, render_prompt
+from kltrain.data import (
+    PromptSampler,
+    load_prompts,
+    process_share,
+    render_prompt,
+    split_heldout,
+)
 from kltrain.divergence.functions import get_divergence
 from kltrain.divergence.lm_head import TokenChunk, fused_token_loss
 from kltrain.models.loading import Models, load_models, refuse_fp16_on_cpu
@@ -119,7 +125,9 @@ class Trainer:
         self.models.policy.to(acc.device)
         if self.models.reference is not None:
             self.models.reference.to(acc.device)
-        self.dataset = screen_long_prompts(load_prompts(cfg.data), self.models.tokenizer, cfg.data)
+        self.full_dataset = load_prompts(cfg.data)
+        train, self.heldout = split_heldout(self.full_dataset, cfg.data)  # never trained on
+        self.dataset = screen_long_prompts(train, self.models.tokenizer, cfg.data)
         self.sampler = PromptSampler(len(self.dataset), seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.reward_fn = RewardFunction(
             cfg.reward, device=acc.device, trust_remote_code=cfg.model.trust_remote_code
@@ -221,6 +229,8 @@ class Trainer:
                         result = self.train_step()
                     except _StepAbandoned:
                         self._stop_for_signal(self._before_step)
+                    if _every(cfg.trainer.eval_every, self.state.step):
+                        result.metrics.update(self.evaluate_heldout())
                     self.logger.log_step(result)
                     if _due(cfg.trainer.save_every, self.state.step, cfg.trainer.max_steps):
                         self.save_checkpoint()
@@ -265,6 +275,33 @@ class Trainer:
         metrics.update(clock.laps)
         metrics["time/step_seconds"] = clock.total()
         return StepResult(step, metrics, rollout, rewards)
+
+    def evaluate_heldout(self) -> dict[str, float]:
+        """``eval/*`` on the held-out split (``trainer.eval_every``), as ``kltrain eval`` computes
+        them, on the main process; the training RNG, reward statistics and algorithm state are
+        left as they were. f-DPG figures only with one process and an on-policy proposal (their
+        estimates reduce across processes; an offline proposal could be replaced)."""
+        from kltrain.experiments.evaluate import evaluate_policy, training_eval_data
+
+        metrics: dict[str, float] = {}
+        if self.accelerator.is_main_process:
+            fd = self.cfg.algorithm.fdpg
+            on_policy = self.cfg.algorithm.name == "fdpg" and (
+                fd is None or fd.proposal == "policy"
+            )
+            single = self.accelerator.num_processes == 1
+            metrics = evaluate_policy(
+                self.models,
+                self.cfg,
+                training_eval_data(self.cfg, self.full_dataset),
+                samples_per_prompt=self.cfg.algorithm.num_generations,
+                seed=self.cfg.seed,
+                reward_fn=self.reward_fn,
+                algorithm=self.algorithm if on_policy and single else None,
+                progress=False,
+            )
+        self.accelerator.wait_for_everyone()
+        return {f"eval/{k}": v for k, v in metrics.items()}
 
     # ------------------------------------------------------------------------------------------
     def make_rollout(self, clock: _Clock | None = None) -> Rollout:
@@ -706,6 +743,10 @@ class _Clock:
 
     def total(self) -> float:
         return time.perf_counter() - self.start
+
+
+def _every(every: int, step: int) -> bool:
+    return every > 0 and step % every == 0
 
 
 def _due(every: int, step: int, last: int) -> bool:

@@ -1,0 +1,1 @@
+"""Sweeps, held-out evaluation and comparison reports (``kltrain sweep|eval|compare``)."""
