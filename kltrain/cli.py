@@ -76,9 +76,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from kltrain.algorithms import describe_objective
-    from kltrain.objective import build_regulariser
+    from kltrain.objective import build_regulariser, optimiser_steps_per_batch
 
-    followed, line = describe_objective(cfg, build_regulariser(cfg.kl))
+    regulariser = build_regulariser(cfg.kl, optimiser_steps_per_batch(cfg))
+    followed, line = describe_objective(cfg, regulariser)
     print(to_yaml(cfg, {"gradient_followed": followed}), end="")
     print(f"# ok: {cfg.algorithm.name}, {line}")
     return 0

@@ -163,13 +163,18 @@ def measure(
     keep_ref_hidden: bool,
     keep_policy_hidden: bool = False,
     proposal: torch.nn.Module | None = None,
+    temperature: float = 1.0,
 ) -> None:
     """Fill ``rollout.stats`` (and ``ref_hidden`` / ``policy_hidden`` if asked, zero on
     padding) in micro-batches of sequences; with a ``proposal`` model other than the policy (the
-    one that generated the rollout), also its per-token "proposal_logprobs"."""
+    one that generated the rollout), also its per-token "proposal_logprobs". Every statistic is
+    of the tempered models (logits/``temperature``, :func:`tempered`); the kept hidden states
+    are not scaled."""
     policy_w, policy_b = lm_head_params(models.policy)
     with models.reference_context():
         ref_w, ref_b = lm_head_params(models.reference_model)
+    _, policy_b = tempered(None, policy_b, temperature)
+    _, ref_b = tempered(None, ref_b, temperature)
     parts: list[dict[str, Tensor]] = []
     ref_hiddens, policy_hiddens = [], []
     for start in range(0, rollout.num_sequences, micro_batch_size):
@@ -180,10 +185,10 @@ def measure(
         with models.reference_context():
             h_ref = completion_hidden(models.reference_model, ids, att, rollout.prompt_length)
         flat = token_stats(
-            h[mask],
+            tempered(h[mask], None, temperature)[0],
             policy_w,
             rollout.completion_ids[sl][mask],
-            ref_hidden=h_ref[mask],
+            ref_hidden=tempered(h_ref[mask], None, temperature)[0],
             ref_weight=ref_w,
             divergences=divergences,
             chunk_size=chunk_size,
@@ -193,8 +198,9 @@ def measure(
         if proposal is not None:
             q_w, q_b = lm_head_params(proposal)
             h_q = completion_hidden(proposal, ids, att, rollout.prompt_length)
+            q_h, q_b = tempered(h_q[mask], q_b, temperature)
             q_stats = token_stats(
-                h_q[mask],
+                q_h,
                 q_w,
                 rollout.completion_ids[sl][mask],
                 chunk_size=chunk_size,
@@ -209,6 +215,23 @@ def measure(
     rollout.stats = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     rollout.ref_hidden = torch.cat(ref_hiddens) if keep_ref_hidden else None
     rollout.policy_hidden = torch.cat(policy_hiddens) if keep_policy_hidden else None
+
+
+def tempered(
+    hidden: Tensor | None, bias: Tensor | None, temperature: float
+) -> tuple[Tensor | None, Tensor | None]:
+    """(h/T, b/T): fed to the lm_head they give logits/T, whose log_softmax is the log-prob of
+    the tempered policy π^(1/T)/Z, the distribution ``generate`` samples at temperature T (as
+    TRL does, for policy and reference alike). Scaling the [..., H] hidden states (and the [V]
+    bias) instead of the logits keeps the chunked lm_head kernels unchanged; T = 1 returns the
+    inputs themselves."""
+    if temperature == 1.0:
+        return hidden, bias
+    scale = 1.0 / temperature
+    return (
+        None if hidden is None else hidden * scale,
+        None if bias is None else bias * scale,
+    )
 
 
 def scatter_tokens(values: Tensor, mask: Tensor) -> Tensor:

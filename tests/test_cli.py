@@ -36,7 +36,13 @@ def test_validate_does_not_load_models(capsys):
 
 def test_refused_pair_exits_2_with_explanation(capsys):
     code = main(
-        ["validate", str(ROOT / "configs/quickstart.yaml"), "kl.estimator=k3", "kl.placement=loss"]
+        [
+            "validate",
+            str(ROOT / "configs/quickstart.yaml"),
+            "kl.estimator=k3",
+            "kl.placement=loss",
+            "kl.importance_ratio=off",  # (auto would weight k3 by w: local reverse KL)
+        ]
     )
     assert code == 2
     err = capsys.readouterr().err
