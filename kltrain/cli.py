@@ -41,7 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="load, resolve and check a config; print it")
     val.add_argument("config")
     val.add_argument("overrides", nargs="*")
-    sub.add_parser("divergences", help="list the divergences and estimators")
+    div = sub.add_parser(
+        "divergences", help="list the divergences, estimators and the gradient each pair follows"
+    )
+    div.add_argument(
+        "--divergence",
+        default="reverse_kl",
+        help="the kl.divergence the gradient table is for (default reverse_kl)",
+    )
     return parser
 
 
@@ -111,7 +118,6 @@ def _split_resume(resume: str | None, overrides: list[str]) -> tuple[str | None,
 
 
 def cmd_divergences(args: argparse.Namespace) -> int:
-    del args
     from kltrain.divergences import describe_divergences
     from kltrain.estimators import describe_estimators
 
@@ -121,7 +127,40 @@ def cmd_divergences(args: argparse.Namespace) -> int:
     print("\nEstimators (kl.estimator):")
     for name, line in describe_estimators():
         print(f"  {name:<12} {line}")
+    _print_gradient_table(args.divergence)
     return 0
+
+
+def _print_gradient_table(name: str) -> None:
+    """Which gradient each (estimator, placement) follows under ``name``, for every
+    kl.importance_ratio form, on-policy (one optimiser step per rollout batch) and off-policy
+    (epochs × num_minibatches > 1); ``*`` marks what ``auto`` picks."""
+    from kltrain.divergences import get_divergence
+    from kltrain.estimators import ESTIMATOR_NAMES, PLACEMENTS, RATIO_MODES, gradient_followed
+    from kltrain.importance import resolve_importance_ratio
+
+    try:
+        divergence = get_divergence(name)
+    except (ValueError, ImportError, AttributeError) as err:
+        raise ConfigError(f"--divergence: {err}") from err
+    print(
+        f"\nGradient followed under kl.divergence={name} (MATH.md; kl.importance_ratio forms "
+        "off | on | detached, * = what auto picks; pairs that are not a gradient of it are "
+        "refused unless kl.accept_gradient names them):"
+    )
+    for est in ESTIMATOR_NAMES:
+        for placement in PLACEMENTS:
+            cells = []
+            for off_policy in (False, True):
+                auto, _ = resolve_importance_ratio("auto", est, placement, divergence, off_policy)
+                forms = ("off",) if est == "exact" or placement == "reward" else RATIO_MODES
+                shown = ", ".join(
+                    f"{m}{'*' if m == auto else ''}: "
+                    f"{gradient_followed(est, placement, divergence, m, off_policy).key}"
+                    for m in forms
+                )
+                cells.append(f"{'off' if off_policy else 'on'}-policy {shown}")
+            print(f"  {est:<8} {placement:<7} {' | '.join(cells)}")
 
 
 COMMANDS = {"fit": cmd_fit, "validate": cmd_validate, "divergences": cmd_divergences}
