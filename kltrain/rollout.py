@@ -110,12 +110,13 @@ def generate(
         out = policy.generate(
             input_ids=prompt_ids[sl],
             attention_mask=prompt_mask[sl],
-            do_sample=True,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            temperature=temperature,
-            top_k=top_k if top_k > 0 else None,
-            top_p=top_p,
+            **sampling_kwargs(
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+            ),
             pad_token_id=tok.pad_token_id,
             eos_token_id=eos_ids,
         )
@@ -131,6 +132,46 @@ def generate(
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
     return input_ids, attention_mask, completion_mask, prompt_ids.shape[1]
+
+
+#: Logits processors a model's own generation_config.json may switch on (e.g. a hub model's
+#: ``repetition_penalty``), set to their neutral values: transformers fills every generate()
+#: argument left unset from the model's file, and any of these would make the sampled
+#: distribution differ from the one the loss differentiates.
+NEUTRAL_SAMPLING = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_p": None,
+    "min_length": 0,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+}
+
+
+def sampling_kwargs(
+    *, max_new_tokens: int, min_new_tokens: int, temperature: float, top_k: int, top_p: float
+) -> dict:
+    """The generate() arguments of kltrain's sampler: the configured ``generation.*`` values
+    and every other distribution-changing processor off (:data:`NEUTRAL_SAMPLING`)."""
+    return {
+        **NEUTRAL_SAMPLING,
+        "do_sample": True,
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": min_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k if top_k > 0 else None,
+        "top_p": top_p,
+    }
 
 
 def _eos_ids(models: Models) -> list[int]:

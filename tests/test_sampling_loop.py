@@ -149,3 +149,22 @@ def test_off_policy_run_weights_k3_and_logs_the_ratio(tmp_path):
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["gradient_followed"] == "local reverse_kl"
     assert written["kl"]["importance_ratio"] == "auto"
+
+
+def test_model_generation_defaults_do_not_change_the_sampler(tmp_path):
+    """A model whose generation_config.json turns on a repetition penalty, an n-gram ban or a
+    suppressed token would otherwise sample from another distribution than the one trained."""
+    from kltrain.rollout import NEUTRAL_SAMPLING, sampling_kwargs
+
+    models = load_models(ModelConfig(policy=str(make_tiny_model_dir(tmp_path / "model"))))
+    gen = models.policy.generation_config
+    gen.repetition_penalty, gen.no_repeat_ngram_size, gen.suppress_tokens = 1.7, 2, [5]
+    gen.top_k, gen.typical_p = 20, 0.5
+    kwargs = sampling_kwargs(
+        max_new_tokens=4, min_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0
+    )
+    resolved, _ = models.policy._prepare_generation_config(None, **kwargs)
+    for key, neutral in {**NEUTRAL_SAMPLING, "top_k": None}.items():
+        assert getattr(resolved, key) == neutral, key
+    plain, _ = models.policy._prepare_generation_config(None, do_sample=True)
+    assert plain.repetition_penalty == 1.7  # without them the file's values would apply
