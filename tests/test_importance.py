@@ -133,7 +133,7 @@ def test_k3_off_policy_fails_without_the_ratio_and_follows_reverse_kl_with_it():
     plain = mdp.loss_term_grad("k3", rev, "off")
     for want in (reverse, forward):
         rel = (plain - want).norm() / want.norm()
-        assert rel > 0.05, rel
+        assert rel > 0.2, rel  # (0.48 and 0.27 here; MATH.md: ≥ 0.2)
     torch.testing.assert_close(mdp.loss_term_grad("k3", rev, "on"), reverse, **TOL)
     torch.testing.assert_close(mdp.loss_term_grad("k3", rev, "detached"), forward, **TOL)
     # on-policy (θ_old = θ) the plain form is forward KL's: the table the ratio extends
