@@ -51,7 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="load, resolve and check a config; print it")
     val.add_argument("config")
     val.add_argument("overrides", nargs="*")
-    sub.add_parser("divergences", help="list the divergences and estimators")
+    div = sub.add_parser(
+        "divergences", help="list the divergences, estimators and the gradient each pair follows"
+    )
+    div.add_argument(
+        "--divergence",
+        default="reverse_kl",
+        help="the kl.divergence the gradient table is for (default reverse_kl)",
+    )
     _add_experiment_parsers(sub)
     return parser
 
@@ -117,10 +124,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from kltrain.algorithms import describe_objective
-    from kltrain.objective import build_regulariser
+    from kltrain.objective import build_regulariser, optimiser_steps_per_batch
     from kltrain.preflight import check_can_start
 
-    followed, line = describe_objective(cfg, build_regulariser(cfg.kl))
+    regulariser = build_regulariser(cfg.kl, optimiser_steps_per_batch(cfg))
+    followed, line = describe_objective(cfg, regulariser)
     checked = check_can_start(cfg)  # models, data, rewards, run folder: would fit start?
     print(to_yaml(cfg, {"gradient_followed": followed}), end="")
     for item in checked:
@@ -161,7 +169,6 @@ def _split_resume(resume: str | None, overrides: list[str]) -> tuple[str | None,
 
 
 def cmd_divergences(args: argparse.Namespace) -> int:
-    del args
     from kltrain.divergence.estimators import describe_estimators
     from kltrain.divergence.functions import describe_divergences
 
@@ -171,6 +178,7 @@ def cmd_divergences(args: argparse.Namespace) -> int:
     print("\nEstimators (kl.estimator):")
     for name, line in describe_estimators():
         print(f"  {name:<12} {line}")
+    _print_gradient_table(args.divergence)
     return 0
 
 
@@ -223,3 +231,40 @@ COMMANDS = {
     "eval": cmd_eval,
     "compare": cmd_compare,
 }
+
+
+def _print_gradient_table(name: str) -> None:
+    """Which gradient each (estimator, placement) follows under ``name``, for every
+    kl.importance_ratio form, on-policy (one optimiser step per rollout batch) and off-policy
+    (epochs × num_minibatches > 1); ``*`` marks what ``auto`` picks."""
+    from kltrain.divergence.estimators import (
+        ESTIMATOR_NAMES,
+        PLACEMENTS,
+        RATIO_MODES,
+        gradient_followed,
+    )
+    from kltrain.divergence.functions import get_divergence
+    from kltrain.divergence.importance import resolve_importance_ratio
+
+    try:
+        divergence = get_divergence(name)
+    except (ValueError, ImportError, AttributeError) as err:
+        raise ConfigError(f"--divergence: {err}") from err
+    print(
+        f"\nGradient followed under kl.divergence={name} (MATH.md; kl.importance_ratio forms "
+        "off | on | detached, * = what auto picks; pairs that are not a gradient of it are "
+        "refused unless kl.accept_gradient names them):"
+    )
+    for est in ESTIMATOR_NAMES:
+        for placement in PLACEMENTS:
+            cells = []
+            for off_policy in (False, True):
+                auto, _ = resolve_importance_ratio("auto", est, placement, divergence, off_policy)
+                forms = ("off",) if est == "exact" or placement == "reward" else RATIO_MODES
+                shown = ", ".join(
+                    f"{m}{'*' if m == auto else ''}: "
+                    f"{gradient_followed(est, placement, divergence, m, off_policy).key}"
+                    for m in forms
+                )
+                cells.append(f"{'off' if off_policy else 'on'}-policy {shown}")
+            print(f"  {est:<8} {placement:<7} {' | '.join(cells)}")

@@ -50,6 +50,10 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None
     """With LoRA the reference is the base model with the adapter disabled (one copy in memory)."""
+    dropout: bool = False
+    """Keep the models' dropout active in training forwards. Off (default, as TRL): every
+    forward of the policy, reference and value model is then deterministic, so the sampled
+    policy is the one differentiated and policy = reference gives divergence 0 at step 1."""
 
 
 class DataConfig(Section):
@@ -82,7 +86,9 @@ class GenerationConfig(Section):
     temperature: float = Field(1.0, gt=0.0)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    min_new_tokens: int = Field(1, ge=0)
+    min_new_tokens: int = Field(0, ge=0)
+    """Forbids EOS before this many tokens: a truncating sampler, refused for rloo, grpo, ppo
+    (the loss and divergences are those of the untruncated policy)."""
 
 
 class RewardTerm(Section):
@@ -131,6 +137,19 @@ class KLConfig(Section):
     """Tokens per chunk in the memory-lean lm_head path."""
     max: float | None = Field(None, gt=0.0)
     """Stop the run if the mean per-sequence divergence exceeds this."""
+    importance_ratio: Literal["auto", "on", "detached", "off"] = "auto"
+    """Weight a sampled estimator in the loss by w = π_θ/π_old (MATH.md, "Off-policy minibatches
+    and the importance ratio"): `on` (gradient through w: the local gradient of the divergence
+    the estimator is unbiased for), `detached` (the on-policy table at the current θ), `off`;
+    `auto` picks the form whose gradient is that of `divergence` (kltrain/importance.py)."""
+
+    @field_validator("importance_ratio", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        """YAML 1.1 reads a bare `on` / `off` as true / false: take them as the names written."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
 
     def divergence_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {}
@@ -308,6 +327,8 @@ class RunConfig(Section):
                 f"data.heldout_prompts (e.g. 16) so that training leaves some out, or set "
                 f"trainer.eval_every=0"
             )
+        _validate_sampler(self)
+        _validate_dropout(self.model)
         if algo.name == "fdpg" or algo.fdpg is not None:
             validate_fdpg_config(self)
         return self
@@ -334,6 +355,42 @@ def _validate_ppo(cfg: RunConfig) -> None:
             "kl.placement=loss is not valid with algorithm.name=ppo: PPO puts the divergence in "
             "the reward (r_t = −β·d_t, credited by GAE). Use kl.placement=reward (InstructGPT, "
             "Llama 2) or both (also β·d_t in the loss; with kl.estimator=exact the full gradient)"
+        )
+
+
+#: The RL algorithms train the policy they sample from (temperature-scaled: π^(1/T)); f-DPG
+#: has its own, stricter rule (kltrain/targets.py).
+_TRUNCATING = {
+    "top_k": (0, "keeps only the k most likely tokens"),
+    "top_p": (1.0, "keeps only the most likely tokens up to probability p"),
+    "min_new_tokens": (0, "forbids EOS before that many tokens"),
+}
+
+
+def _validate_sampler(cfg: RunConfig) -> None:
+    """Refuse truncating samplers for rloo/grpo/ppo: the loss and the divergences are computed
+    for the untruncated (tempered) policy, so a sampler that never draws some tokens lets the
+    policy move mass onto them at no cost in reward (MATH.md, "The sampling distribution must
+    be the differentiated one")."""
+    if cfg.algorithm.name not in ("rloo", "grpo", "ppo"):
+        return
+    for key, (neutral, what) in _TRUNCATING.items():
+        value = getattr(cfg.generation, key)
+        if value != neutral:
+            raise ValueError(
+                f"generation.{key}={value} {what}, but {cfg.algorithm.name} computes its loss and "
+                f"divergences for the untruncated policy, so the samples would not come from the "
+                f"distribution it differentiates (MATH.md, 'The sampling distribution must be "
+                f"the differentiated one'). Set generation.{key}={neutral}; "
+                f"generation.temperature is allowed (the tempered policy is trained)."
+            )
+
+
+def _validate_dropout(model: ModelConfig) -> None:
+    if not model.dropout and model.lora is not None and model.lora.dropout > 0:
+        raise ValueError(
+            f"model.lora.dropout={model.lora.dropout} but model.dropout=false turns dropout off "
+            "in every forward; set model.lora.dropout=0, or model.dropout=true to keep both"
         )
 
 

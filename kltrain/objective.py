@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from kltrain.config import ConfigError, KLConfig
-from kltrain.divergence.estimators import GradientFollowed, estimate, gradient_followed
+from kltrain.config import ConfigError, KLConfig, RunConfig
+from kltrain.divergence.estimators import GradientFollowed, estimate
 from kltrain.divergence.functions import Divergence, get_divergence
+from kltrain.divergence.importance import resolve_importance_ratio, weighted_term
 
 #: Divergences every run logs, exactly over the vocabulary, so runs are comparable on one axis.
 LOGGED_DIVERGENCES = ("reverse_kl", "forward_kl", "js")
@@ -25,6 +26,7 @@ class Regulariser:
     estimator: str  # "exact" or a sampled estimator name
     placement: str  # "loss" | "reward" | "both"
     gradient: GradientFollowed
+    importance_ratio: str = "off"  # the resolved form: "off" | "on" | "detached" (importance.py)
 
     @property
     def in_loss(self) -> bool:
@@ -51,30 +53,80 @@ class Regulariser:
             self.estimator, stats["logprobs"], stats["ref_logprobs"], self.divergence
         ).detach()
 
-    def loss_term(self, logprobs: Tensor, ref_logprobs: Tensor, exact: Tensor | None) -> Tensor:
+    def loss_term(
+        self,
+        logprobs: Tensor,
+        ref_logprobs: Tensor,
+        exact: Tensor | None,
+        old_logprobs: Tensor | None = None,
+    ) -> Tensor:
         """Per-token ``d_t`` for the loss, differentiable ([n]): the exact divergence computed in
-        the lm_head kernel, or the estimator on the sampled token's log-probs."""
+        the lm_head kernel, or the estimator on the sampled token's log-probs, weighted by
+        ``w = π_θ/π_old`` (``old_logprobs``, sampling time) in the resolved ``importance_ratio``
+        form."""
         if self.exact:
             assert exact is not None, "exact divergence requested but not computed"
             return exact
-        return estimate(self.estimator, logprobs, ref_logprobs, self.divergence)
+        g = estimate(self.estimator, logprobs, ref_logprobs, self.divergence)
+        if self.importance_ratio == "off":
+            return g
+        assert old_logprobs is not None, "the importance ratio needs the sampling-time log-probs"
+        return weighted_term(g, logprobs, old_logprobs, self.importance_ratio)
 
 
-def build_regulariser(kl: KLConfig) -> Regulariser:
+def optimiser_steps_per_batch(cfg: RunConfig) -> int:
+    """Optimiser steps each rollout batch feeds: above 1, all but the first are off-policy."""
+    return cfg.algorithm.epochs * cfg.algorithm.num_minibatches
+
+
+def build_regulariser(kl: KLConfig, optimiser_steps_per_batch: int = 1) -> Regulariser:
     """Resolve ``kl.*`` and refuse a pair whose gradient is not that of ``kl.divergence``
-    unless ``kl.accept_gradient`` names it (MATH.md, "Which gradient each pair follows")."""
+    unless ``kl.accept_gradient`` names it (MATH.md, "Which gradient each pair follows").
+
+    ``optimiser_steps_per_batch`` (``algorithm.epochs × num_minibatches``): above 1 every step
+    but a batch's first is off-policy, which decides ``kl.importance_ratio: auto`` and the label.
+    """
     divergence = get_divergence(kl.divergence, **kl.divergence_params())
-    followed = gradient_followed(kl.estimator, kl.placement, divergence)
+    off_policy = optimiser_steps_per_batch > 1
+    _check_ratio_applies(kl)
+    mode, followed = resolve_importance_ratio(
+        kl.importance_ratio,
+        kl.estimator,
+        kl.placement,
+        divergence,
+        off_policy,
+        kl.accept_gradient,
+    )
+    where = (
+        f"kl.estimator={kl.estimator} with kl.placement={kl.placement} "
+        f"(kl.importance_ratio={kl.importance_ratio}, resolved to {mode}; "
+        f"{'off' if off_policy else 'on'}-policy: {optimiser_steps_per_batch} optimiser step(s) "
+        f"per rollout batch)"
+    )
     if not followed.is_gradient_of(divergence.name) and kl.accept_gradient != followed.key:
         raise ConfigError(
-            f"kl.estimator={kl.estimator} with kl.placement={kl.placement} under "
-            f"kl.divergence={divergence.name} follows {followed.key!r}, not a gradient of "
-            f"{divergence.name}: {followed.explanation} Choose another pair (`kltrain divergences` "
-            f"lists them), or set kl.accept_gradient={followed.key!r} to train with it anyway."
+            f"{where} under kl.divergence={divergence.name} follows {followed.key!r}, not a "
+            f"gradient of {divergence.name}: {followed.explanation}. Choose another pair or "
+            f"kl.importance_ratio (`kltrain divergences` lists them), or set "
+            f"kl.accept_gradient={followed.key!r} to train with it anyway."
         )
     if kl.accept_gradient is not None and kl.accept_gradient != followed.key:
         raise ConfigError(
             f"kl.accept_gradient={kl.accept_gradient!r} does not match what this run follows "
-            f"({followed.key!r}); remove it or set it to {followed.key!r}"
+            f"({followed.key!r}: {where}); remove it or set it to {followed.key!r}"
         )
-    return Regulariser(divergence, kl.estimator, kl.placement, followed)
+    return Regulariser(divergence, kl.estimator, kl.placement, followed, mode)
+
+
+def _check_ratio_applies(kl: KLConfig) -> None:
+    """An explicit ratio where nothing is weighted would be silently ignored: refuse it."""
+    if kl.importance_ratio in ("auto", "off"):
+        return
+    if kl.estimator == "exact" or kl.placement == "reward":
+        raise ConfigError(
+            f"kl.importance_ratio={kl.importance_ratio} weights a sampled estimator in the loss, "
+            f"but kl.estimator={kl.estimator} with kl.placement={kl.placement} has none (the exact "
+            "divergence needs no ratio at a visited state; the reward penalty is fixed at "
+            "sampling time and corrected by the policy-gradient surrogate's own ratio). Use "
+            "kl.importance_ratio=auto or off."
+        )

@@ -112,12 +112,13 @@ def generate(
         out = policy.generate(
             input_ids=prompt_ids[sl],
             attention_mask=prompt_mask[sl],
-            do_sample=True,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            temperature=temperature,
-            top_k=top_k if top_k > 0 else None,
-            top_p=top_p,
+            **sampling_kwargs(
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+            ),
             pad_token_id=tok.pad_token_id,
             eos_token_id=eos_ids,
         )
@@ -133,6 +134,46 @@ def generate(
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
     return input_ids, attention_mask, completion_mask, prompt_ids.shape[1]
+
+
+#: Logits processors a model's own generation_config.json may switch on (e.g. a hub model's
+#: ``repetition_penalty``), set to their neutral values: transformers fills every generate()
+#: argument left unset from the model's file, and any of these would make the sampled
+#: distribution differ from the one the loss differentiates.
+NEUTRAL_SAMPLING = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_p": None,
+    "min_length": 0,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+}
+
+
+def sampling_kwargs(
+    *, max_new_tokens: int, min_new_tokens: int, temperature: float, top_k: int, top_p: float
+) -> dict:
+    """The generate() arguments of kltrain's sampler: the configured ``generation.*`` values
+    and every other distribution-changing processor off (:data:`NEUTRAL_SAMPLING`)."""
+    return {
+        **NEUTRAL_SAMPLING,
+        "do_sample": True,
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": min_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k if top_k > 0 else None,
+        "top_p": top_p,
+    }
 
 
 def _eos_ids(models: Models) -> list[int]:
@@ -165,13 +206,18 @@ def measure(
     keep_ref_hidden: bool,
     keep_policy_hidden: bool = False,
     proposal: torch.nn.Module | None = None,
+    temperature: float = 1.0,
 ) -> None:
     """Fill ``rollout.stats`` (and ``ref_hidden`` / ``policy_hidden`` if asked, zero on
     padding) in micro-batches of sequences; with a ``proposal`` model other than the policy (the
-    one that generated the rollout), also its per-token "proposal_logprobs"."""
+    one that generated the rollout), also its per-token "proposal_logprobs". Every statistic is
+    of the tempered models (logits/``temperature``, :func:`tempered`); the kept hidden states
+    are not scaled."""
     policy_w, policy_b = lm_head_params(models.policy)
     with models.reference_context():
         ref_w, ref_b = lm_head_params(models.reference_model)
+    _, policy_b = tempered(None, policy_b, temperature)
+    _, ref_b = tempered(None, ref_b, temperature)
     parts: list[dict[str, Tensor]] = []
     ref_hiddens, policy_hiddens = [], []
     for start in range(0, rollout.num_sequences, micro_batch_size):
@@ -182,10 +228,10 @@ def measure(
         with models.reference_context():
             h_ref = completion_hidden(models.reference_model, ids, att, rollout.prompt_length)
         flat = token_stats(
-            h[mask],
+            tempered(h[mask], None, temperature)[0],
             policy_w,
             rollout.completion_ids[sl][mask],
-            ref_hidden=h_ref[mask],
+            ref_hidden=tempered(h_ref[mask], None, temperature)[0],
             ref_weight=ref_w,
             divergences=divergences,
             chunk_size=chunk_size,
@@ -195,8 +241,9 @@ def measure(
         if proposal is not None:
             q_w, q_b = lm_head_params(proposal)
             h_q = completion_hidden(proposal, ids, att, rollout.prompt_length)
+            q_h, q_b = tempered(h_q[mask], q_b, temperature)
             q_stats = token_stats(
-                h_q[mask],
+                q_h,
                 q_w,
                 rollout.completion_ids[sl][mask],
                 chunk_size=chunk_size,
@@ -211,6 +258,23 @@ def measure(
     rollout.stats = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     rollout.ref_hidden = torch.cat(ref_hiddens) if keep_ref_hidden else None
     rollout.policy_hidden = torch.cat(policy_hiddens) if keep_policy_hidden else None
+
+
+def tempered(
+    hidden: Tensor | None, bias: Tensor | None, temperature: float
+) -> tuple[Tensor | None, Tensor | None]:
+    """(h/T, b/T): fed to the lm_head they give logits/T, whose log_softmax is the log-prob of
+    the tempered policy π^(1/T)/Z, the distribution ``generate`` samples at temperature T (as
+    TRL does, for policy and reference alike). Scaling the [..., H] hidden states (and the [V]
+    bias) instead of the logits keeps the chunked lm_head kernels unchanged; T = 1 returns the
+    inputs themselves."""
+    if temperature == 1.0:
+        return hidden, bias
+    scale = 1.0 / temperature
+    return (
+        None if hidden is None else hidden * scale,
+        None if bias is None else bias * scale,
+    )
 
 
 def scatter_tokens(values: Tensor, mask: Tensor) -> Tensor:

@@ -39,7 +39,13 @@ def test_validate_answers_whether_fit_would_start(capsys):
 
 def test_refused_pair_exits_2_with_explanation(capsys):
     code = main(
-        ["validate", str(ROOT / "configs/quickstart.yaml"), "kl.estimator=k3", "kl.placement=loss"]
+        [
+            "validate",
+            str(ROOT / "configs/quickstart.yaml"),
+            "kl.estimator=k3",
+            "kl.placement=loss",
+            "kl.importance_ratio=off",  # (auto would weight k3 by w: local reverse KL)
+        ]
     )
     assert code == 2
     err = capsys.readouterr().err
@@ -109,3 +115,14 @@ def test_module_entry_point(entry):
         [sys.executable, *entry, "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("kltrain ")
+
+
+def test_divergences_prints_the_gradient_table_with_the_ratio(capsys):
+    assert main(["divergences", "--divergence", "forward_kl"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.split()[:2] == ["k3", "loss"])
+    on, off = row.split(" | ")
+    assert "off*: local forward_kl" in on and "on: local reverse_kl" in on
+    assert "off: off_policy" in off and "detached*: local forward_kl" in off
+    assert main(["divergences", "--divergence", "nope"]) == 2
+    assert "--divergence" in capsys.readouterr().err

@@ -173,7 +173,7 @@ def test_wandb_resumes_the_saved_run_id_and_never_logs_a_step_twice(tiny_model, 
     )
     logger = RunLogger(cfg, tmp_path / "run", acc)
     reg = SimpleNamespace(gradient=SimpleNamespace(key="k", explanation="e"), metric_name="m",
-                          placement="loss")  # fmt: skip
+                          placement="loss", importance_ratio="off")  # fmt: skip
     logger.start(reg, first_step=3, run_id="abc12345")
     assert inits[0]["id"] == "abc12345" and inits[0]["resume"] == "allow"
     for step in (4, 5, 6):

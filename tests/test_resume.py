@@ -109,7 +109,11 @@ def test_resume_bit_exact_with_gradient_accumulation(env):
 
 def test_resume_bit_exact_with_lora(env):
     """LoRA with dropout (so the restored RNG also drives the adapter's dropout masks)."""
-    model = {"policy": env["model"], "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}
+    model = {
+        "policy": env["model"],
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "dropout": True,  # kept on (model.dropout) so the RNG's effect is visible
+    }
     ref, reply = fit(env, "lora_ref", model=model)
     assert reply["rc"] == 0, (env["root"] / "lora_ref.log").read_text()
     assert (ref / "checkpoints" / "step-00000012" / "model" / "adapter_model.safetensors").exists()

@@ -62,9 +62,11 @@ class Algorithm(ABC):
         divergence to a target, says so instead."""
         del cfg
         g = regulariser.gradient
+        ratio = regulariser.importance_ratio
+        weighted = "" if ratio == "off" else f", importance ratio {ratio}"
         line = (
-            f"{regulariser.metric_name} in the {regulariser.placement}: follows the {g.key} "
-            f"gradient ({g.explanation})"
+            f"{regulariser.metric_name} in the {regulariser.placement}{weighted}: follows the "
+            f"{g.key} gradient ({g.explanation})"
         )
         return g.key, line
 

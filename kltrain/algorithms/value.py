@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig
 
 from kltrain.config import RunConfig
-from kltrain.models.loading import load_causal_lm, resolve_model
+from kltrain.models.loading import disable_dropout, load_causal_lm, resolve_model
 from kltrain.rollout import Rollout, completion_hidden
 
 
@@ -57,8 +57,13 @@ class ValueModel(nn.Module):
         self.value_head = ValueHead(hidden_size)
 
     @classmethod
-    def load(cls, name: str, dtype: str, trust_remote_code: bool) -> ValueModel:
+    def load(
+        cls, name: str, dtype: str, trust_remote_code: bool, dropout: bool = False
+    ) -> ValueModel:
+        """``dropout``: keep the trunk's dropout (``model.dropout``); off by default."""
         lm = load_causal_lm(name, dtype, trust_remote_code)
+        if not dropout:
+            disable_dropout(lm)
         trunk = lm.get_decoder()
         trunk.requires_grad_(True).train()
         return cls(trunk, lm.config.get_text_config().hidden_size)
@@ -85,7 +90,7 @@ def build_value_function(cfg: RunConfig) -> ValueHead | ValueModel:
     trust = cfg.model.trust_remote_code
     name = cfg.algorithm.ppo.value_model
     if name is not None:
-        return ValueModel.load(name, cfg.model.dtype, trust)
+        return ValueModel.load(name, cfg.model.dtype, trust, cfg.model.dropout)
     config = AutoConfig.from_pretrained(resolve_model(cfg.model.policy), trust_remote_code=trust)
     return ValueHead(
         config.get_text_config().hidden_size,

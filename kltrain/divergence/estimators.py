@@ -22,6 +22,16 @@ E[Σ_t (Σ_{t'>t} d_t') ∇log π(y_t|s_t)]), derived once here and checked by e
 - ``exact`` (the full-vocabulary d_t, a function of the state only): loss → local D, reward →
   future D (E[d_t ∇ℓ_t] = 0), both → full D.
 
+Off-policy (tokens from π_old, differentiated at π_θ; w = π_θ(y)/π_old(y), MATH.md "Off-policy
+minibatches and the importance ratio"): the loss term's expected local gradient is
+Σ_y π_old g'(ρ_θ) ∇ℓ_y without w (no named objective once θ ≠ θ_old: kind ``off_policy``),
+Σ_y π_θ g' ∇ℓ_y with w detached (the on-policy rule above at the current θ), and
+∇Σ_y π_θ g = Σ_y π_θ (g + g') ∇ℓ_y with the gradient through w: the rule above with g + g' in
+place of g', i.e. the local gradient of the divergence whose *value* g is unbiased for (k1·w,
+k3·w → local reverse KL; f_plain·w, f_cv·w → local D_f; k2·w → none). In ``both`` the reward
+already supplies g's own score term, so w with gradient counts it twice there (mismatch) and
+w detached keeps the full gradient.
+
 The identities are checked on a grid of ρ against the named divergence and the parameter-free
 built-ins, so user f's are classified by the same rule. Results (MATH.md's table, extended):
 k1/reward = full reverse_kl, k2/loss = local reverse_kl, k3/loss = local forward_kl, k1/loss =
@@ -41,8 +51,13 @@ from kltrain.divergence.functions import DIVERGENCE_NAMES, Divergence, compute_d
 
 EstimatorName = Literal["exact", "k1", "k2", "k3", "f_plain", "f_cv"]
 Placement = Literal["loss", "reward", "both"]
+#: How a loss-placed sampled term is weighted by w = π_θ/π_old (MATH.md, "Off-policy
+#: minibatches"): not at all, with the gradient through w, or with w detached.
+RatioMode = Literal["off", "on", "detached"]
 ESTIMATOR_NAMES: tuple[str, ...] = get_args(EstimatorName)
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
+RATIO_MODES: tuple[str, ...] = get_args(RatioMode)
+_RATIO_SUFFIX = {"off": "", "on": "·w", "detached": "·sg(w)"}
 
 _DESCRIPTIONS = {
     "exact": "full-vocabulary d_t = Σ_v π_ref f(π/π_ref) per token (needs both models' logits)",
@@ -88,8 +103,9 @@ class GradientFollowed:
     """The gradient an (estimator, placement) pair follows in expectation.
 
     kind: "full" | "local" | "future" (parts of ∇J_D, see the module docstring) | "zero" |
-    "mismatch" (belongs to no single divergence). divergence: whose gradient (None for zero and
-    mismatch).
+    "mismatch" (belongs to no single divergence) | "off_policy" (a loss-placed sampled term
+    without the importance ratio on tokens from π_old ≠ π_θ: the gradient of no named
+    objective). divergence: whose gradient (None for zero, mismatch and off_policy).
     """
 
     kind: str
@@ -163,18 +179,47 @@ def _local_name(target: Tensor, cands: list[Divergence]) -> str:
     return "the local gradient of no named divergence"
 
 
-def gradient_followed(estimator: str, placement: str, divergence: Divergence) -> GradientFollowed:
-    """Classify the expected gradient of ``estimator`` in ``placement`` (see module docstring)."""
+def gradient_followed(
+    estimator: str,
+    placement: str,
+    divergence: Divergence,
+    importance_ratio: str = "off",
+    off_policy: bool = False,
+) -> GradientFollowed:
+    """Classify the expected gradient of ``estimator`` in ``placement`` (see module docstring).
+
+    ``importance_ratio`` (``off`` | ``on`` | ``detached``) is how the loss-placed term is weighted
+    by w = π_θ/π_old (:mod:`kltrain.divergence.importance`); ``off_policy``: the sampled tokens
+    come from π_old ≠ π_θ (a batch feeding several optimiser steps). Neither changes ``exact`` (no
+    sampled token) or ``reward`` (no loss term).
+    """
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown placement {placement!r}; valid: {', '.join(PLACEMENTS)}")
     if estimator not in ESTIMATOR_NAMES:
         raise ValueError(f"unknown estimator {estimator!r}; valid: {', '.join(ESTIMATOR_NAMES)}")
+    if importance_ratio not in RATIO_MODES:
+        raise ValueError(
+            f"unknown importance ratio {importance_ratio!r}; valid: {', '.join(RATIO_MODES)}"
+        )
     name = divergence.name
     if estimator == "exact":
         return _exact(placement, name)
+    if placement == "reward":
+        importance_ratio = "off"  # no loss term to weight
     cands = _candidates(divergence)
     g, dg = _g_and_dg(estimator, divergence)
-    where = f"{estimator} in the {placement}"
+    where = f"{estimator}{_RATIO_SUFFIX[importance_ratio]} in the {placement}"
+    if off_policy and importance_ratio == "off" and placement != "reward":
+        return GradientFollowed(
+            "off_policy",
+            None,
+            f"{where} on tokens sampled from π_old ≠ π_θ: E_π_old[g'(ρ_θ)∇log π_θ] is the "
+            "gradient of no named objective after a batch's first optimiser step (MATH.md, "
+            "'Off-policy minibatches')",
+        )
+    # expected local gradient of the loss term: Σ_y π_θ(y)·c(ρ_y)·∇ℓ_y with c = g' (no w, or w
+    # detached: E_π_old[sg(w)∇g] = E_π_θ[g'∇ℓ]) or c = g + g' (w with gradient: ∇E_π_θ[g]).
+    dg = g + dg if importance_ratio == "on" else dg
     if placement == "loss":
         if _const(dg):
             return GradientFollowed(

@@ -180,7 +180,8 @@ def _adapter_disabled(peft_model) -> Iterator[None]:
 
 
 def load_models(cfg: ModelConfig) -> Models:
-    """Policy (trainable, train mode), reference (frozen, eval mode) and tokenizer from config."""
+    """Policy (trainable, train mode), reference (frozen, eval mode) and tokenizer from config;
+    dropout off in both unless ``model.dropout`` (the sampled policy is the differentiated one)."""
     trust = cfg.trust_remote_code
     tokenizer = load_tokenizer(cfg.policy, trust)
     policy = load_causal_lm(cfg.policy, cfg.dtype, trust)
@@ -197,8 +198,26 @@ def load_models(cfg: ModelConfig) -> Models:
         reference.requires_grad_(False).eval()
         ref_tok = tokenizer if ref_name == cfg.policy else load_tokenizer(ref_name, trust)
         check_same_vocabulary(cfg.policy, tokenizer, policy, ref_name, ref_tok, reference)
+        if not cfg.dropout:
+            disable_dropout(reference)
+    if not cfg.dropout:
+        disable_dropout(policy)
     policy.train()
     return Models(policy=policy, reference=reference, tokenizer=tokenizer)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Make every forward of ``model`` deterministic in train mode too (``model.dropout:
+    false``): p = 0 in every dropout module, and 0 in every float attribute whose name says
+    dropout (``attention_dropout``, ``*_pdrop``): HF attention layers read those at forward time
+    instead of holding a dropout module. Train mode is kept (gradient checkpointing needs it).
+    The model's config is left as loaded, so a saved model keeps its own settings."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or "pdrop" in name):
+                setattr(module, name, 0.0)
 
 
 def _enable_checkpointing(policy: PreTrainedModel) -> None:

@@ -43,17 +43,17 @@ from kltrain.divergence.functions import get_divergence
 from kltrain.divergence.lm_head import TokenChunk, fused_token_loss
 from kltrain.models.loading import Models, load_models, refuse_fp16_on_cpu
 from kltrain.models.logits import lm_head_params
-from kltrain.objective import LOGGED_DIVERGENCES, build_regulariser
+from kltrain.objective import LOGGED_DIVERGENCES, build_regulariser, optimiser_steps_per_batch
 from kltrain.prompt_length import count_truncated, screen_long_prompts
 from kltrain.rewards import RewardFunction
 from kltrain.rl.coef import make_coef
-from kltrain.rollout import Rollout, completion_hidden, generate, measure
+from kltrain.rollout import Rollout, completion_hidden, generate, measure, tempered
 from kltrain.training import checkpoint, preemption, run_folder
 from kltrain.training.tracking import RunLogger, StepResult
 
 #: Per-token statistics summed inside the lm_head kernel over this process's tokens (each
 #: already divided by the global token count), so the processes' sums add up to the global value.
-LOCAL_TOKEN_SUMS = ("clip_fraction", "approx_kl_old")
+LOCAL_TOKEN_SUMS = ("clip_fraction", "approx_kl_old", "importance_ratio_mean")
 
 
 class TrainingStopped(RuntimeError):
@@ -118,7 +118,7 @@ class Trainer:
         if resume_from is None:
             run_folder.check_fresh_start(self.output_dir, config_path, overwrite or bool(resume))
         refuse_fp16_on_cpu(cfg.model, acc.device.type)
-        self.regulariser = build_regulariser(cfg.kl)
+        self.regulariser = build_regulariser(cfg.kl, optimiser_steps_per_batch(cfg))
         prompts_per_process(cfg, acc.num_processes)  # the step's prompts split evenly: check now
         _check_minibatches(cfg, acc.num_processes)
         self.models: Models = load_models(cfg.model)
@@ -165,6 +165,7 @@ class Trainer:
         self.watcher = preemption.SignalWatcher()
         self._saved_step: int | None = None
         self._truncated_prompts = 0  # this process's samples whose prompt was cut, this step
+        self._ratio_max = 0.0  # max w_t = π_θ/π_old over the current step's updates
         self._before_step: dict[str, Any] | None = None
         self.resumed_from = resume_from
         if resume_from is not None:
@@ -358,6 +359,7 @@ class Trainer:
             keep_ref_hidden=self._regularised_in_loss() and self.regulariser.exact,
             keep_policy_hidden=self.algorithm.needs_policy_hidden,
             proposal=None if sampler is self.models.policy else sampler,
+            temperature=cfg.generation.temperature,
         )
         if clock:
             clock.lap("time/measure_seconds")
@@ -397,6 +399,7 @@ class Trainer:
         algo = self.cfg.algorithm
         sums: dict[str, float] = defaultdict(float)
         skipped = 0
+        self._ratio_max = 0.0
         for rows in self._minibatches(batch.rollout.num_sequences):
             ok = self._optimiser_step(batch, rows, sums, step)
             skipped += 0 if ok else 1
@@ -406,6 +409,7 @@ class Trainer:
         out = {f"train/{k}": v / passes for k, v in sums.items()}
         for name, total in self.algorithm.pop_update_sums().items():
             out[name] = self._sum_across(total) / passes
+        out["train/importance_ratio_max"] = self._max_across(self._ratio_max)
         out["train/skipped"] = float(skipped)
         out["train/skipped_total"] = float(self.state.skipped_steps)
         out["train/applied"] = float(passes - skipped)
@@ -479,20 +483,24 @@ class Trainer:
             sl = chunk.index
             per_token, stats = self.algorithm.token_loss(chunk.logprobs, old[sl], adv[sl])
             if in_loss:
-                d = reg.loss_term(chunk.logprobs, ref_lp[sl], chunk.divergence)
+                d = reg.loss_term(chunk.logprobs, ref_lp[sl], chunk.divergence, old[sl])
                 per_token = per_token + beta * d
             sums["clip_fraction"] += float(stats["clipped"].sum()) / num_tokens
             sums["approx_kl_old"] += float(stats["approx_kl"].sum()) / num_tokens
+            self._log_importance_ratio(chunk.logprobs.detach() - old[sl], sums, num_tokens)
             return per_token.sum() / num_tokens
 
+        temperature = self.cfg.generation.temperature  # train π^(1/T), the sampled distribution
         weight, bias = lm_head_params(policy)
+        _, bias = tempered(None, bias, temperature)
         ref_hidden = ref_weight = ref_bias = None
         if exact_in_loss:
-            ref_hidden = r.ref_hidden[rows][mask]
+            ref_hidden = tempered(r.ref_hidden[rows][mask], None, temperature)[0]
             with self.models.reference_context():
                 ref_weight, ref_bias = lm_head_params(self.models.reference_model)
+            _, ref_bias = tempered(None, ref_bias, temperature)
         loss = fused_token_loss(
-            hidden[mask],
+            tempered(hidden[mask], None, temperature)[0],
             weight,
             r.completion_ids[rows][mask],
             loss_fn,
@@ -505,6 +513,14 @@ class Trainer:
         )
         extra = self.algorithm.hidden_loss(hidden, batch, rows, num_tokens)
         return loss if extra is None else loss + extra
+
+    def _log_importance_ratio(self, log_w: Tensor, sums: dict, num_tokens: int) -> None:
+        """w_t = π_θ/π_old at the chunk's tokens [n]: its token mean (summed like the other
+        token metrics) and its running max, so a run shows how far off-policy its updates went."""
+        w = torch.exp(log_w.double())
+        sums["importance_ratio_mean"] += float(w.sum()) / num_tokens
+        if w.numel():
+            self._ratio_max = max(self._ratio_max, float(w.max()))
 
     def _regularised_in_loss(self) -> bool:
         reg = self.regulariser
@@ -531,6 +547,13 @@ class Trainer:
     def _sum_across(self, value: Tensor | float) -> float:
         t = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(t, reduction="sum"))
+
+    def _max_across(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return value
+        t = torch.tensor(value, dtype=torch.float64, device=self.accelerator.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
 
     def _global_count(self, n: int) -> int:
         return int(self._sum_across(float(n)))
