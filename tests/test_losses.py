@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from kltrain.rl.losses import (
-    divergence_penalty_loss,
     explained_variance,
     policy_loss,
     sum_over_tokens,
@@ -191,14 +190,3 @@ def test_explained_variance_matches_numpy():
     assert explained_variance(values, returns, mask).item() == pytest.approx(expected, rel=HAND64)
     assert explained_variance(returns, returns, mask).item() == 1.0  # Var[0] = 0 exactly
     assert math.isnan(explained_variance(values, torch.ones(4, 5), mask).item())
-
-
-def test_divergence_penalty_loss():
-    d = torch.tensor([[1.0, 2.0, float("inf")]], dtype=F64, requires_grad=True)
-    mask = torch.tensor([[1, 1, 0]])
-    loss, metrics = divergence_penalty_loss(d, mask, num_tokens=4, coef=0.1)
-    assert loss.item() == pytest.approx(0.1 * 3 / 4, rel=HAND64)
-    assert metrics["divergence"].item() == pytest.approx(3 / 4, rel=HAND64)
-    loss.backward()
-    expected = torch.tensor([[0.025, 0.025, 0.0]], dtype=F64)
-    torch.testing.assert_close(d.grad, expected, rtol=HAND64, atol=HAND64)

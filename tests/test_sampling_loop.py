@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from kltrain.config import ConfigError, config_from_dict
-from kltrain.models import ModelConfig, load_models
+from kltrain.config import ConfigError, ModelConfig, config_from_dict
+from kltrain.models.loading import load_models
 from kltrain.training.trainer import Trainer
 from tests.helpers.tiny import loop_config_raw, make_tiny_model_dir
 

@@ -8,15 +8,12 @@ generated token). Group layouts are `[P*k]` with the `k` samples of each prompt 
 gets an exact 0 in every output. All outputs are detached: advantages are targets, not graph.
 
 Variances: GRPO's group std is the unbiased (Bessel) one, as in TRL, so that the advantages are
-the same numbers TRL would give. `whiten` and `RunningMoments` use the biased (population)
+the same numbers TRL would give. `whiten` uses the biased (population)
 variance: whitened values then have exactly unit variance over the batch, and a batch of one
 element is defined; at RL batch sizes the two differ by a factor n/(n-1) ≈ 1.
 """
 
 from __future__ import annotations
-
-import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -107,17 +104,6 @@ def _next_valid(x: Tensor, mask: Tensor) -> Tensor:
     return out
 
 
-def reward_to_go(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
-    """Discounted reward-to-go `G_t = Σ_{t' ≥ t} γ^{t'−t} r_t'` over the valid tokens of each row.
-
-    token_rewards `[B, T]`, mask `[B, T]` → `[B, T]`; padding positions are skipped (the
-    exponent counts valid tokens only) and are exactly 0 in the output.
-    """
-    mask = _check_tokens(token_rewards, mask, "token_rewards")
-    rewards = torch.where(mask, token_rewards.detach(), 0.0)
-    return _discounted_reverse_cumsum(rewards, mask, gamma)
-
-
 def gae(
     token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
 ) -> tuple[Tensor, Tensor]:
@@ -167,52 +153,6 @@ def whiten(
     if not shift_mean:
         out = out + mean
     return out if mask is None else torch.where(mask.bool(), out, 0.0)
-
-
-class RunningMoments:
-    """Running mean and (biased) variance over every value ever passed to `update`, merged batch
-    by batch with Chan et al.'s parallel update (numerically stable; float64 Python scalars):
-    `n = n_a + n_b`, `mean = mean_a + δ·n_b/n`, `M2 = M2_a + M2_b + δ²·n_a·n_b/n`,
-    `δ = mean_b − mean_a`, `var = M2/n`. Equal to the moments of all the batches concatenated.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean = 0.0
-        self.m2 = 0.0
-
-    @property
-    def var(self) -> float:
-        """Biased (population) variance of everything seen; 0 before any update."""
-        return self.m2 / self.count if self.count else 0.0
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.var)
-
-    def update(self, x: Tensor, mask: Tensor | None = None) -> tuple[float, float]:
-        """Merge the valid entries of `x` (any shape; mask the same shape or None) into the
-        running moments. Returns this batch's own (mean, std); a batch with no valid entry is a
-        no-op returning (nan, nan)."""
-        count, mean, var = _masked_moments(x.detach().double(), mask)
-        n_b = int(count)
-        if n_b == 0:
-            return math.nan, math.nan
-        mean_b, m2_b = float(mean), float(var) * n_b
-        n = self.count + n_b
-        delta = mean_b - self.mean
-        self.mean += delta * n_b / n
-        self.m2 += m2_b + delta * delta * self.count * n_b / n
-        self.count = n
-        return mean_b, math.sqrt(m2_b / n_b)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.count = int(state["count"])
-        self.mean = float(state["mean"])
-        self.m2 = float(state["m2"])
 
 
 def assemble_token_rewards(

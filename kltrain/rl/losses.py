@@ -182,17 +182,3 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor | None = No
     if var_r == 0:
         return torch.tensor(float("nan"), dtype=torch.float64, device=r.device)
     return 1.0 - (r - v).var(unbiased=False) / var_r
-
-
-def divergence_penalty_loss(
-    token_divergence: Tensor, mask: Tensor, num_tokens: int | Tensor, coef: float
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The divergence in the loss (placement `loss`): `β·Σ_valid d_t / num_tokens`.
-
-    token_divergence `[B, T]` (per-token d_t or an estimator of it, with its graph), mask
-    `[B, T]` → (scalar loss, metrics) with `divergence` = `Σ_valid d_t / num_tokens` (detached,
-    without β).
-    """
-    (d,) = _mask_inputs(mask, token_divergence)
-    total = sum_over_tokens(d, mask, num_tokens)
-    return coef * total, {"divergence": total.detach()}
