@@ -79,6 +79,7 @@ class RunLogger:
         extra = {
             "versions": library_versions(),
             "gradient_followed": followed,
+            "world_size": self.acc.num_processes,
         }
         (self.dir / "config.yaml").write_text(to_yaml(self.cfg, extra))
         print(

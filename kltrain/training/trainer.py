@@ -41,7 +41,7 @@ from kltrain.objective import LOGGED_DIVERGENCES, build_regulariser
 from kltrain.rewards.function import RewardFunction
 from kltrain.rl.coef import make_coef
 from kltrain.rollout import Rollout, completion_hidden, generate, measure
-from kltrain.training import checkpoint, preemption
+from kltrain.training import checkpoint, distributed, preemption
 from kltrain.training.tracking import RunLogger, StepResult
 
 #: Per-token statistics summed inside the lm_head kernel over this process's tokens (each
@@ -99,8 +99,10 @@ class Trainer:
             cfg = cfg.model_copy(deep=True)
             cfg.trainer.output_dir = str(run_dir)
         self.cfg = cfg
-        self.accelerator = accelerator or _make_accelerator(cfg)
+        self.accelerator = accelerator or distributed.make_accelerator(cfg)
         acc = self.accelerator
+        if acc.is_main_process:
+            print(distributed.describe(acc), flush=True)
         set_seed(cfg.seed, device_specific=True)  # per-process sampling seeds
         self.output_dir = _shared_output_dir(cfg, acc)
         if not resume:
@@ -654,11 +656,6 @@ def _refuse_existing_checkpoints(output_dir: Path) -> None:
             f"{found.name}); pass --resume (trainer.resume=auto) to continue it, or choose "
             f"another trainer.output_dir"
         )
-
-
-def _make_accelerator(cfg: RunConfig) -> Accelerator:
-    log_with = "wandb" if cfg.tracking.wandb.mode != "disabled" else None
-    return Accelerator(cpu=cfg.trainer.device == "cpu", log_with=log_with)
 
 
 def _shared_output_dir(cfg: RunConfig, acc: Accelerator) -> Path:

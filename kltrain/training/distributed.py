@@ -1,0 +1,105 @@
+"""Process-group set-up: build the Accelerator so that every launcher forms ONE group, and refuse
+to run when the processes that were started did not join it.
+
+Why this exists: with ``Accelerator(cpu=False)`` on a machine without CUDA, Accelerate 1.x ignores
+``WORLD_SIZE`` (it only forms a CPU group when told ``cpu=True``), so ``torchrun
+--nproc_per_node 2 -m kltrain fit`` used to start two unrelated single-process runs writing the
+same run folder. And ``accelerate launch --cpu --num_processes 2`` always takes Accelerate's
+single-process launcher (``simple_launcher``): it starts one process that cannot know two were
+asked for. ``kltrain fit --num-processes N`` and the commands in the README avoid both.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import torch
+from accelerate import Accelerator
+
+from kltrain.config import ConfigError, RunConfig
+
+#: Environment variables through which launchers announce the number of processes they started
+#: (torchrun/Accelerate: WORLD_SIZE; MPI launchers: the others, as Accelerate reads them).
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+class ProcessGroupError(ConfigError):
+    """The processes a launcher started did not form one process group."""
+
+
+def use_cpu(device: str) -> bool:
+    """``trainer.device`` → Accelerate's ``cpu`` flag. ``auto`` means CUDA when there is one, else
+    the CPU, and on the CPU a multi-process launch must say ``cpu=True`` to get a gloo group."""
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    """The run's Accelerator; raises :class:`ProcessGroupError` if the launched processes did not
+    all join its process group (before anything is written)."""
+    log_with = "wandb" if cfg.tracking.wandb.mode != "disabled" else None
+    acc = Accelerator(cpu=use_cpu(cfg.trainer.device), log_with=log_with)
+    check_process_group(acc.num_processes, launched_world_size())
+    return acc
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher says it started (1 when none says)."""
+    for name in WORLD_SIZE_VARIABLES:
+        value = os.environ.get(name)
+        if value:
+            return int(value)
+    return 1
+
+
+def check_process_group(joined: int, launched: int) -> None:
+    if joined != launched:
+        raise ProcessGroupError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but this one "
+            f"joined a process group of {joined}; refusing to run {launched} unrelated copies "
+            f"into one run folder. On a CPU machine use trainer.device=auto or cpu; launch with "
+            f"`kltrain fit CONFIG --num-processes {launched}` or `torchrun --nproc_per_node "
+            f"{launched} -m kltrain fit CONFIG`"
+        )
+
+
+def describe(acc: Accelerator) -> str:
+    """One console line: the world size, backend and device of this run."""
+    backend = acc.state.backend if acc.num_processes > 1 else "none"
+    return (
+        f"kltrain: world_size {acc.num_processes} ({acc.distributed_type.value}, backend "
+        f"{backend}, device {acc.device.type})"
+    )
+
+
+def launch_command(num_processes: int, argv: list[str], port: int | None = None) -> list[str]:
+    """The command ``kltrain fit --num-processes N`` runs: Accelerate's multi-process launcher
+    (torchrun underneath; ``--multi_gpu`` is its name for it, on a CPU machine the processes form
+    a gloo group), each process running ``python -m kltrain`` with ``argv`` (the flag removed)."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port or free_port()),
+        "-m",
+        "kltrain",
+        *argv,
+    ]
+
+
+def free_port() -> int:
+    """A free local TCP port for the rendezvous (the default 29500 collides between runs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
