@@ -17,6 +17,7 @@ from torch import Tensor
 
 from kltrain.config import RunConfig
 from kltrain.rl.losses import token_policy_loss
+from kltrain.rl.reduction import Reduced, mean_of, std_of
 from kltrain.rollout import Rollout
 
 
@@ -27,7 +28,9 @@ class TrainBatch:
     rollout: Rollout
     advantages: Tensor  # [B, T]
     extras: dict[str, Tensor] = field(default_factory=dict)  # algorithm-specific, [B] or [B, T]
-    metrics: dict[str, float] = field(default_factory=dict)  # advantage statistics etc.
+    #: advantage statistics etc.: a float is this process's value; a :class:`Reduced` is reduced
+    #: over all processes by the loop (once per step, with every other tagged metric).
+    metrics: dict[str, float | Reduced] = field(default_factory=dict)
 
 
 class Algorithm(ABC):
@@ -143,9 +146,5 @@ class GroupBaselineAlgorithm(Algorithm):
         return TrainBatch(
             rollout,
             advantages,
-            metrics={"advantage/mean": shown.mean().item(), "advantage/std": _std(shown)},
+            metrics={"advantage/mean": mean_of(shown), "advantage/std": std_of(shown)},
         )
-
-
-def _std(x: Tensor) -> float:
-    return x.std(unbiased=False).item() if x.numel() > 1 else 0.0

@@ -16,9 +16,11 @@ import socket
 import sys
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 
 from kltrain.config import ConfigError, RunConfig
+from kltrain.rl.reduction import Reduced, finish
 
 #: Environment variables through which launchers announce the number of processes they started
 #: (torchrun/Accelerate: WORLD_SIZE; MPI launchers: the others, as Accelerate reads them).
@@ -103,3 +105,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def reduce_metrics(acc: Accelerator, metrics: dict[str, float | Reduced]) -> dict[str, float]:
+    """Finish every :class:`Reduced` metric over all processes: one all-reduce (sum) of all the
+    additive parts concatenated, one (max) of the max parts; plain floats pass through (they are
+    already global)."""
+    tagged = {k: v for k, v in metrics.items() if isinstance(v, Reduced)}
+    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, Reduced)}
+    for kind_is_max in (False, True):
+        names = [k for k, v in tagged.items() if (v.kind == "max") == kind_is_max]
+        if not names:
+            continue
+        parts = [tagged[k].parts.to(acc.device, torch.float64) for k in names]
+        flat = torch.cat(parts)
+        if acc.num_processes > 1:
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX if kind_is_max else dist.ReduceOp.SUM)
+        for name, piece in zip(names, flat.split([p.numel() for p in parts]), strict=True):
+            out[name] = finish(tagged[name].kind, piece.cpu())
+    return {k: out[k] for k in metrics}  # the caller's order

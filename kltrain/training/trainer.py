@@ -37,6 +37,7 @@ from kltrain.divergence.functions import get_divergence
 from kltrain.divergence.lm_head import TokenChunk, fused_token_loss
 from kltrain.models.loading import Models, load_models
 from kltrain.models.logits import lm_head_params
+from kltrain.models.sampling import sample_seed
 from kltrain.objective import LOGGED_DIVERGENCES, build_regulariser
 from kltrain.rewards.function import RewardFunction
 from kltrain.rl.coef import make_coef
@@ -216,7 +217,7 @@ class Trainer:
         metrics = {
             **reward_metrics,
             **self._divergence_metrics(rollout),
-            **batch.metrics,
+            **distributed.reduce_metrics(self.accelerator, batch.metrics),
             **update_metrics,
         }
         if self.algorithm.uses_regulariser:  # under f-DPG, kl.* names the objective instead
@@ -254,6 +255,7 @@ class Trainer:
             top_p=gen.top_p,
             batch_size=cfg.trainer.generation_batch_size or len(texts),
             model=sampler,
+            seeds=self._sample_seeds(len(texts)),
         )
         if clock:
             clock.lap("time/generate_seconds")
@@ -285,6 +287,14 @@ class Trainer:
         if clock:
             clock.lap("time/measure_seconds")
         return rollout
+
+    def _sample_seeds(self, num_local: int) -> list[int]:
+        """One sampling seed per local sample, from (seed, step, global sample index): process
+        r's samples are the global samples ``r·num_local … (r+1)·num_local − 1`` (contiguous
+        shares of the step's prompts, k samples each), so every world size draws the same ones."""
+        step = self.state.step + 1
+        first = self.accelerator.process_index * num_local
+        return [sample_seed(self.cfg.seed, step, first + i) for i in range(num_local)]
 
     def score(self, rollout: Rollout, step: int) -> tuple[Tensor, dict[str, float]]:
         """Sequence rewards [B]. Invalid samples (``reward.on_invalid: skip``) get their
