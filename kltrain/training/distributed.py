@@ -14,10 +14,12 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from torch import Tensor
 
 from kltrain.config import ConfigError, RunConfig
 from kltrain.rl.reduction import Reduced, finish
@@ -124,3 +126,60 @@ def reduce_metrics(acc: Accelerator, metrics: dict[str, float | Reduced]) -> dic
         for name, piece in zip(names, flat.split([p.numel() for p in parts]), strict=True):
             out[name] = finish(tagged[name].kind, piece.cpu())
     return {k: out[k] for k in metrics}  # the caller's order
+
+
+class PolicyHidden(torch.nn.Module):
+    """The policy's training forward as a module, so that the engine wraps it: completion hidden
+    states ``[B, T, H]`` (``rollout.completion_hidden``) without the ``[B, T, V]`` logits. The
+    lm_head weight is a parameter of this module (DDP reduces its gradient) although the chunked
+    loss applies it outside ``forward``."""
+
+    def __init__(self, policy: torch.nn.Module, hidden_fn):
+        super().__init__()
+        self.policy = policy
+        self._hidden_fn = hidden_fn
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
+        return self._hidden_fn(self.policy, input_ids, attention_mask, prompt_length)
+
+
+def prepare_policy(acc: Accelerator, policy_hidden: PolicyHidden) -> torch.nn.Module:
+    """``accelerator.prepare`` the training forward: unchanged on one process (bit-exact with
+    calling the policy directly), DDP over the process group otherwise, its gradient buckets
+    all-reduced with a SUM (the losses are already divided by the step's global token count, so
+    the processes' gradients add up to the global one; DDP's default would divide by the world
+    size)."""
+    prepared = acc.prepare(policy_hidden)
+    if isinstance(prepared, torch.nn.parallel.DistributedDataParallel):
+        prepared.register_comm_hook(state=None, hook=_sum_hook)
+    return prepared
+
+
+def _sum_hook(state, bucket):  # no annotations: DDP compares them as objects, not strings
+    """DDP communication hook: SUM the bucket (dist.GradBucket) → Future[Tensor]."""
+    del state
+    work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def sync_context(model: torch.nn.Module, sync: bool) -> AbstractContextManager:
+    """``no_sync`` for every micro-batch of an optimiser step but the last: DDP then reduces the
+    accumulated gradient once, bucketed and overlapped with the last backward."""
+    if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return model.no_sync()
+
+
+def all_reduce_gradients(acc: Accelerator, params: list[torch.nn.Parameter]) -> None:
+    """SUM the gradients of ``params`` (trainable modules outside the engine-wrapped policy,
+    e.g. PPO's value head) across processes in one flattened collective per dtype; a missing
+    gradient counts as zero (every process must contribute the same shapes)."""
+    if acc.num_processes == 1 or not params:
+        return
+    for dtype in sorted({p.dtype for p in params}, key=str):
+        group = [p for p in params if p.dtype == dtype]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for p, piece in zip(group, flat.split([g.numel() for g in grads]), strict=True):
+            p.grad = piece.view_as(p).clone()

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import save_file
@@ -131,6 +130,12 @@ class Trainer:
             module.to(acc.device)
         groups = self._param_groups()
         self.params = [p for group in groups for p in group["params"]]
+        # the policy's training forward goes through the engine (DDP: bucketed gradient SUM);
+        # the algorithm's own trainable modules are reduced in one collective per update
+        self.policy_forward = distributed.prepare_policy(
+            acc, distributed.PolicyHidden(self.models.policy, completion_hidden)
+        )
+        self.module_params = [p for group in groups[1:] for p in group["params"]]
         self.minibatch_generator = torch.Generator().manual_seed(cfg.seed)
         self.optimizer = torch.optim.AdamW(
             groups,
@@ -178,7 +183,10 @@ class Trainer:
         """Train for ``trainer.max_steps`` steps; returns the run summary."""
         cfg = self.cfg
         self.logger.start(
-            self.regulariser, first_step=self.state.step, run_id=self.state.wandb_run_id
+            self.regulariser,
+            first_step=self.state.step,
+            run_id=self.state.wandb_run_id,
+            world_size=self.accelerator.num_processes,
         )
         try:
             with self.watcher:
@@ -368,11 +376,13 @@ class Trainer:
         num_tokens = max(self._global_count(int(mask.sum())), 1)
         loss_total = torch.zeros((), device=self.accelerator.device)
         micro = self.cfg.trainer.micro_batch_size
-        for start in range(0, len(rows), micro):
-            loss = self._micro_batch_loss(batch, rows[start : start + micro], num_tokens, sums)
-            loss.backward()
+        starts = range(0, len(rows), micro)
+        for start in starts:
+            with distributed.sync_context(self.policy_forward, sync=start == starts[-1]):
+                loss = self._micro_batch_loss(batch, rows[start : start + micro], num_tokens, sums)
+                loss.backward()
             loss_total += loss.detach()
-        self._all_reduce_gradients()
+        distributed.all_reduce_gradients(self.accelerator, self.module_params)
         grad_norm = self._clip_gradients()
         loss_value = self._sum_across(loss_total)
         sums["loss"] += loss_value
@@ -392,11 +402,11 @@ class Trainer:
         r, reg = batch.rollout, self.regulariser
         policy = self.models.policy
         mask = r.completion_mask[rows]
-        if not mask.any():
+        if not mask.any() and self.accelerator.num_processes == 1:
             return torch.zeros((), device=self.accelerator.device)
-        hidden = completion_hidden(
-            policy, r.input_ids[rows], r.attention_mask[rows], r.prompt_length
-        )
+        hidden = self.policy_forward(r.input_ids[rows], r.attention_mask[rows], r.prompt_length)
+        if not mask.any():  # the engine's collectives pair up only if every process backwards
+            return hidden.sum() * 0.0 + lm_head_params(policy)[0].sum() * 0.0
         old = r.stats["logprobs"][rows][mask]
         ref_lp = r.stats["ref_logprobs"][rows][mask]
         adv = batch.advantages[rows][mask]
@@ -441,14 +451,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     # Distributed helpers: the only process-aware code.
-    def _all_reduce_gradients(self) -> None:
-        if self.accelerator.num_processes == 1:
-            return
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-
     def _clip_gradients(self) -> float:
         max_norm = self.cfg.trainer.max_grad_norm
         grads = [p for p in self.params if p.grad is not None]
