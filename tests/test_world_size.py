@@ -60,6 +60,14 @@ RUNS = {
         },
         True,
     ),
+    # PPO: k1 in the reward, value head, GAE, advantages whitened over all processes' tokens
+    "ppo_k1": (
+        {
+            "algorithm": {"name": "ppo", "num_generations": 2, "epochs": 2},
+            "kl": {"estimator": "k1", "placement": "reward"},
+        },
+        True,
+    ),
     # sampled k1 in the reward (reward-to-go), adaptive β
     "rloo_k1_reward": (
         {"kl": {"estimator": "k1", "placement": "reward", "adaptive": {"target": 1, "horizon": 5}}},
