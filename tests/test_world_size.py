@@ -68,6 +68,30 @@ RUNS = {
         },
         True,
     ),
+    # f-DPG toward moments (λ refitted every step, per-prompt Z): the exact JS objective
+    "fdpg_moments_js": (
+        {
+            "algorithm": {
+                "name": "fdpg",
+                "num_generations": 2,
+                "fdpg": {
+                    "target": "moments",
+                    "moments": [0.5, 0.4],
+                    "lambdas": [0.3, -0.2],
+                    "refit_every": 1,
+                },
+            },
+            "kl": {"divergence": "js", "coef": None},  # None: the key removed (moments take no β)
+            "generation": {"min_new_tokens": 0},
+            "reward": {
+                "terms": [
+                    {"name": "tests.helpers.fdpg_rewards:has_letter_e"},
+                    {"name": "tests.helpers.fdpg_rewards:has_letter_a"},
+                ]
+            },
+        },
+        True,
+    ),
     # sampled k1 in the reward (reward-to-go), adaptive β
     "rloo_k1_reward": (
         {"kl": {"estimator": "k1", "placement": "reward", "adaptive": {"target": 1, "horizon": 5}}},
@@ -82,6 +106,8 @@ def _config(root: Path, model: str, name: str, world: int, sections: dict) -> Pa
     raw["trainer"].update({"prompts_per_step": 4, "micro_batch_size": 4})
     raw["seed"] = 11
     update_sections(raw, json.loads(json.dumps(sections)))
+    raw = {k: {n: v for n, v in s.items() if v is not None} if isinstance(s, dict) else s
+           for k, s in raw.items()}  # fmt: skip
     path = root / f"{name}-w{world}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

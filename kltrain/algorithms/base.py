@@ -100,10 +100,18 @@ class Algorithm(ABC):
         name: the loop moves them to the device and saves them in checkpoints, nothing more."""
         return {}
 
-    def setup(self, models, mean: Callable[[Tensor], float] | None = None) -> None:
+    def setup(
+        self,
+        models,
+        mean: Callable[[Tensor], float] | None = None,
+        gather: Callable[[Tensor], Tensor] | None = None,
+        process_index: int = 0,
+    ) -> None:
         """Called once by the loop with the placed ``Models`` (before ``modules()`` are read);
-        ``mean`` averages a [B] tensor over every process's samples."""
-        del models, mean
+        ``mean`` averages a [B] tensor over every process's samples; on several processes,
+        ``gather`` concatenates every process's rows in process order and ``process_index``
+        says which rows are this process's."""
+        del models, mean, gather, process_index
 
     def sampling_model(self, models) -> torch.nn.Module:
         """The model that generates the rollouts (default: the policy)."""

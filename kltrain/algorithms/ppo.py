@@ -49,10 +49,16 @@ class Ppo(Algorithm):
         #: mean over every process's values (set by the loop in ``setup``); None: this process's
         self.global_mean: Callable[[Tensor], float] | None = None
 
-    def setup(self, models, mean: Callable[[Tensor], float] | None = None) -> None:
+    def setup(
+        self,
+        models,
+        mean: Callable[[Tensor], float] | None = None,
+        gather: Callable[[Tensor], Tensor] | None = None,
+        process_index: int = 0,
+    ) -> None:
         """``mean`` averages a tensor over every process's entries: the advantage whitening and
         the batch metrics then use the global token statistics, identical on every process."""
-        del models
+        del models, gather, process_index
         self.global_mean = mean
 
     @property

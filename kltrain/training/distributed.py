@@ -183,3 +183,16 @@ def all_reduce_gradients(acc: Accelerator, params: list[torch.nn.Parameter]) -> 
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         for p, piece in zip(group, flat.split([g.numel() for g in grads]), strict=True):
             p.grad = piece.view_as(p).clone()
+
+
+def gather_rows(acc: Accelerator, t: Tensor) -> Tensor:
+    """Every process's rows of ``t`` ([B] or [B, T, ...], same B everywhere) concatenated in
+    process order; dimension 1 padded with zeros (False) to the longest process's."""
+    x = t.to(acc.device)
+    is_bool = x.dtype == torch.bool
+    if is_bool:  # gloo gathers no bool tensors
+        x = x.to(torch.uint8)
+    if x.dim() > 1:
+        x = acc.pad_across_processes(x, dim=1, pad_index=0)
+    out = acc.gather(x.contiguous())
+    return out.bool() if is_bool else out

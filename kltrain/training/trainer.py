@@ -125,7 +125,13 @@ class Trainer:
             adaptive.horizon if adaptive else None,
         )
         self.algorithm = make_algorithm(cfg)
-        self.algorithm.setup(self.models, mean=self._mean)
+        many = acc.num_processes > 1
+        self.algorithm.setup(
+            self.models,
+            mean=self._mean,
+            gather=(lambda t: distributed.gather_rows(acc, t)) if many else None,
+            process_index=acc.process_index,
+        )
         for module in self._algorithm_modules().values():
             module.to(acc.device)
         groups = self._param_groups()
