@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from kltrain.rl.reduction import combine, finish, max_of, mean_of, std_of, sum_of
 from kltrain.training.distributed import (
     ProcessGroupError,
+    check_engine,
     check_process_group,
     free_port,
     launch_command,
@@ -279,3 +280,45 @@ def test_num_processes_launches_accelerate_with_that_many_processes():
     assert command[i + 1] == "3"
     assert "--multi_gpu" in command  # --cpu would take Accelerate's single-process launcher
     assert command[-5:] == ["-m", "kltrain", "fit", "c.yaml", "kl.coef=0.1"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations
+
+
+ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
+
+
+@pytest.mark.parametrize(
+    ("name", "engine"),
+    [
+        ("ddp", "MULTI_GPU"),
+        ("multinode", "MULTI_GPU"),
+        ("fsdp", "FSDP"),
+        ("deepspeed_zero2", "DEEPSPEED"),
+        ("deepspeed_zero3", "DEEPSPEED"),
+    ],
+)
+def test_accelerate_configs_parse_as_accelerate_reads_them(name, engine):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ACCELERATE_CONFIGS / f"{name}.yaml"))
+    assert config.distributed_type == engine
+    assert config.compute_environment == "LOCAL_MACHINE"
+    if name == "fsdp":
+        fsdp = config.fsdp_config
+        assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True
+        assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert config.mixed_precision == "bf16"
+    if name.startswith("deepspeed"):
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+    if name == "multinode":
+        assert config.num_machines > 1
+
+
+@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
+def test_sharding_engines_are_refused_by_name_until_the_loop_supports_them(engine):
+    with pytest.raises(ProcessGroupError, match=rf"engine {engine} is not supported"):
+        check_engine(engine)
+    for supported in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        check_engine(supported)

@@ -45,7 +45,25 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     log_with = "wandb" if cfg.tracking.wandb.mode != "disabled" else None
     acc = Accelerator(cpu=use_cpu(cfg.trainer.device), log_with=log_with)
     check_process_group(acc.num_processes, launched_world_size())
+    check_engine(acc.distributed_type.value)
     return acc
+
+
+#: Accelerate engines the loop runs on: none (1 process) and DDP (CPU gloo / GPU NCCL).
+SUPPORTED_ENGINES = ("NO", "MULTI_CPU", "MULTI_GPU")
+
+
+def check_engine(distributed_type: str) -> None:
+    """Refuse FSDP / DeepSpeed (and anything else) before they shard the policy: the chunked
+    lm_head path reads the lm_head weight outside ``forward``, which those engines hand out as a
+    shard, and generation, scoring and checkpoints are not wired to gather it yet."""
+    if distributed_type not in SUPPORTED_ENGINES:
+        raise ProcessGroupError(
+            f"Accelerate engine {distributed_type} is not supported by kltrain's loop yet "
+            f"(supported: {', '.join(SUPPORTED_ENGINES)}); launch with "
+            f"configs/accelerate/ddp.yaml or multinode.yaml (data parallel), or "
+            f"`kltrain fit CONFIG --num-processes N`"
+        )
 
 
 def launched_world_size() -> int:
