@@ -426,8 +426,9 @@ class Trainer:
             if in_loss:
                 d = reg.loss_term(chunk.logprobs, ref_lp[sl], chunk.divergence)
                 per_token = per_token + beta * d
-            sums["clip_fraction"] += float(stats["clipped"].sum()) / num_tokens
-            sums["approx_kl_old"] += float(stats["approx_kl"].sum()) / num_tokens
+            # float64 tensors, no host sync per chunk: read once per step in optimise()
+            sums["clip_fraction"] += stats["clipped"].sum().double() / num_tokens
+            sums["approx_kl_old"] += stats["approx_kl"].sum().double() / num_tokens
             return per_token.sum() / num_tokens
 
         weight, bias = lm_head_params(policy)
