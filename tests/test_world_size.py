@@ -322,3 +322,21 @@ def test_sharding_engines_are_refused_by_name_until_the_loop_supports_them(engin
         check_engine(engine)
     for supported in ("NO", "MULTI_CPU", "MULTI_GPU"):
         check_engine(supported)
+
+
+@pytest.mark.multiprocess
+def test_kltrain_fit_num_processes_starts_that_many_in_one_group(tmp_path):
+    """The README's command: `kltrain fit CONFIG --num-processes 2` → one run of world size 2
+    (every process prints it; config.yaml records it)."""
+    model = str(make_tiny_model_dir(tmp_path / "model"))
+    raw = loop_config_raw(model, tmp_path / "run")
+    raw["trainer"]["max_steps"] = 1
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "kltrain", "fit", str(config), "--num-processes", "2"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "kltrain: world_size 2 (MULTI_" in done.stdout  # MULTI_CPU (gloo) or MULTI_GPU
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["world_size"] == 2
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
