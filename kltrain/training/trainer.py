@@ -103,7 +103,7 @@ class Trainer:
         acc = self.accelerator
         if acc.is_main_process:
             print(distributed.describe(acc), flush=True)
-        set_seed(cfg.seed, device_specific=True)  # per-process sampling seeds
+        set_seed(cfg.seed, device_specific=True)  # per-process RNG (dropout); sampling: per sample
         self.output_dir = _shared_output_dir(cfg, acc)
         if not resume:
             _refuse_existing_checkpoints(self.output_dir)
