@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="resume even though run-changing config fields differ from the checkpoint's",
     )
+    fit.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start N processes on this machine with Accelerate's launcher (one process group: "
+        "gloo on CPU, NCCL on GPUs) instead of running in this one",
+    )
     val = sub.add_parser("validate", help="load, resolve and check a config; print it")
     val.add_argument("config")
     val.add_argument("overrides", nargs="*")
@@ -140,6 +148,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     resume, overrides = _split_resume(args.resume, args.overrides)
     cfg = load_config(args.config, overrides)
+    if args.num_processes is not None and args.num_processes != 1:
+        return _launch(args, cfg)
     from kltrain.training.preemption import Preempted
     from kltrain.training.trainer import Trainer, TrainingStopped
 
@@ -158,6 +168,27 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"kltrain: preempted: {err}; rerun with --resume to continue", file=sys.stderr)
         return err.exit_code
     return 0
+
+
+def _launch(args: argparse.Namespace, cfg) -> int:
+    """Re-run this ``fit`` under Accelerate's multi-process launcher; its exit code is ours."""
+    import subprocess
+
+    from kltrain.config import prompts_per_process
+    from kltrain.training.distributed import launch_command
+
+    n = args.num_processes
+    if n < 1:
+        raise ConfigError(f"--num-processes must be ≥ 1; got {n}")
+    prompts_per_process(cfg, n)  # refuse an uneven split here, not once per process
+    argv = ["fit", args.config, *args.overrides]
+    if args.resume:
+        argv += ["--resume", args.resume]
+    if args.allow_config_change:
+        argv.append("--allow-config-change")
+    command = launch_command(n, argv)
+    print(f"kltrain: launching {n} processes: {' '.join(command)}", flush=True)
+    return subprocess.run(command, check=False).returncode
 
 
 def _split_resume(resume: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from transformers import LogitsProcessorList
 
 from kltrain.divergence.functions import Divergence
 from kltrain.divergence.lm_head import token_stats
 from kltrain.models.loading import Models
 from kltrain.models.logits import final_hidden_states, lm_head_params
+from kltrain.models.sampling import PerSampleGumbel
 
 
 @dataclass
@@ -84,8 +86,13 @@ def generate(
     top_p: float,
     batch_size: int,
     model: torch.nn.Module | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Sample one completion per prompt text, from ``model`` (default: the policy).
+
+    ``seeds`` (one per prompt text): each completion draws from its own stream
+    (:class:`kltrain.models.sampling.PerSampleGumbel`), so a sample does not depend on the
+    process or the generation batch it lands in; None samples from the global torch RNG.
 
     Returns ``(input_ids [B, P+T], attention_mask [B, P+T], completion_mask [B, T], P)`` with a
     common P (left padding) and T (right padding) across generation micro-batches.
@@ -109,16 +116,21 @@ def generate(
     outputs = []
     for start in range(0, len(prompt_texts), batch_size):
         sl = slice(start, start + batch_size)
+        sampling = sampling_kwargs(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+        )
+        if seeds is not None:  # greedy over the per-row Gumbel-perturbed, warped logits
+            gumbel = PerSampleGumbel(list(seeds[sl]), temperature, top_k, top_p, device)
+            sampling |= {"do_sample": False, "logits_processor": LogitsProcessorList([gumbel])}
+            sampling |= {"temperature": None, "top_k": None, "top_p": None}
         out = policy.generate(
             input_ids=prompt_ids[sl],
             attention_mask=prompt_mask[sl],
-            **sampling_kwargs(
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=min_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-            ),
+            **sampling,
             pad_token_id=tok.pad_token_id,
             eos_token_id=eos_ids,
         )

@@ -35,7 +35,13 @@ from kltrain.training.checkpoint import CheckpointError
 from kltrain.training.preemption import EXIT_PREEMPTED
 from kltrain.training.trainer import Trainer
 from tests.conftest import read_jsonl, read_metrics
-from tests.helpers.resume_runs import REPO, Zygote, child_pythonpath, write_config
+from tests.helpers.resume_runs import (
+    REPO,
+    Zygote,
+    child_pythonpath,
+    run_processes,
+    write_config,
+)
 
 #: What test_resume asserts about the time from a stop signal to the process exit on the tiny
 #: model (the documented bound is one step phase plus one checkpoint save; here both are < 1 s).
@@ -310,6 +316,32 @@ def test_resume_path_to_a_torn_checkpoint_is_an_error_naming_it(env, reference, 
 
 # ----------------------------------------------------------------------------------------------
 # Comparing two runs
+
+
+@pytest.mark.multiprocess
+def test_two_processes_resume_bit_exact_after_sigkill_and_refuse_another_world_size(env):
+    """2 processes (torchrun, gloo): the whole job SIGKILLed inside step 5 and resumed on 2
+    processes ends bit for bit where the uninterrupted 2-process run ends (both processes' RNG
+    states included). Resuming its checkpoint on 1 process is refused, naming the change."""
+
+    def fit2(name: str, kill=None, resume=False) -> tuple[Path, int]:
+        out = env["root"] / name
+        cfg = write_config(env["root"] / f"{name}.yaml", env["model"], env["prompts"], out)
+        argv = ["fit", str(cfg)] + (["--resume"] if resume else [])
+        return out, run_processes(argv, 2, kill, log=env["root"] / f"{name}.log")
+
+    ref, rc = fit2("w2_ref")
+    assert rc == 0, (env["root"] / "w2_ref.log").read_text()[-4000:]
+    assert len(checkpoint.load_rng(ref / "checkpoints" / "step-00000012")) == 2
+    run, rc = fit2("w2", {"at": "step", "step": 5})
+    assert rc != 0
+    assert checkpoint.latest(run / "checkpoints").name == "step-00000003"
+    run, rc = fit2("w2", resume=True)
+    assert rc == 0, (env["root"] / "w2.log").read_text()[-4000:]
+    assert_same_run(ref, run)
+    _, reply = fit(env, "w2", resume=True)  # 1 process
+    assert reply["rc"] == 2
+    assert "processes: 2 → 1" in (env["root"] / "w2.log").read_text()
 
 
 def assert_same_run(ref: Path, run: Path, last: int = 12) -> None:

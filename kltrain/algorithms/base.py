@@ -17,6 +17,7 @@ from torch import Tensor
 
 from kltrain.config import RunConfig
 from kltrain.rl.losses import token_policy_loss
+from kltrain.rl.reduction import Reduced, mean_of, std_of
 from kltrain.rollout import Rollout
 
 
@@ -27,7 +28,9 @@ class TrainBatch:
     rollout: Rollout
     advantages: Tensor  # [B, T]
     extras: dict[str, Tensor] = field(default_factory=dict)  # algorithm-specific, [B] or [B, T]
-    metrics: dict[str, float] = field(default_factory=dict)  # advantage statistics etc.
+    #: advantage statistics etc.: a float is this process's value; a :class:`Reduced` is reduced
+    #: over all processes by the loop (once per step, with every other tagged metric).
+    metrics: dict[str, float | Reduced] = field(default_factory=dict)
 
 
 class Algorithm(ABC):
@@ -99,10 +102,18 @@ class Algorithm(ABC):
         name: the loop moves them to the device and saves them in checkpoints, nothing more."""
         return {}
 
-    def setup(self, models, mean: Callable[[Tensor], float] | None = None) -> None:
+    def setup(
+        self,
+        models,
+        mean: Callable[[Tensor], float] | None = None,
+        gather: Callable[[Tensor], Tensor] | None = None,
+        process_index: int = 0,
+    ) -> None:
         """Called once by the loop with the placed ``Models`` (before ``modules()`` are read);
-        ``mean`` averages a [B] tensor over every process's samples."""
-        del models, mean
+        ``mean`` averages a [B] tensor over every process's samples; on several processes,
+        ``gather`` concatenates every process's rows in process order and ``process_index``
+        says which rows are this process's."""
+        del models, mean, gather, process_index
 
     def sampling_model(self, models) -> torch.nn.Module:
         """The model that generates the rollouts (default: the policy)."""
@@ -145,9 +156,5 @@ class GroupBaselineAlgorithm(Algorithm):
         return TrainBatch(
             rollout,
             advantages,
-            metrics={"advantage/mean": shown.mean().item(), "advantage/std": _std(shown)},
+            metrics={"advantage/mean": mean_of(shown), "advantage/std": std_of(shown)},
         )
-
-
-def _std(x: Tensor) -> float:
-    return x.std(unbiased=False).item() if x.numel() > 1 else 0.0

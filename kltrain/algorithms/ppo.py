@@ -20,7 +20,9 @@ Shapes: ``[B]`` per sequence, ``[B, T]`` per completion token (zero on padding).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -44,6 +46,20 @@ class Ppo(Algorithm):
         #: The head reads the policy's hidden states; a separate value model runs its own trunk.
         self.needs_policy_hidden = isinstance(self.value, ValueHead)
         self._update_sums: dict[str, float] = defaultdict(float)
+        #: mean over every process's values (set by the loop in ``setup``); None: this process's
+        self.global_mean: Callable[[Tensor], float] | None = None
+
+    def setup(
+        self,
+        models,
+        mean: Callable[[Tensor], float] | None = None,
+        gather: Callable[[Tensor], Tensor] | None = None,
+        process_index: int = 0,
+    ) -> None:
+        """``mean`` averages a tensor over every process's entries: the advantage whitening and
+        the batch metrics then use the global token statistics, identical on every process."""
+        del models, gather, process_index
+        self.global_mean = mean
 
     @property
     def module_learning_rate(self) -> float | None:
@@ -61,9 +77,14 @@ class Ppo(Algorithm):
         token_rewards = self.token_rewards(rewards, penalty, mask)
         old_values = self.old_values(rollout)
         advantages, returns = gae(token_rewards, old_values, mask, self.ppo.gamma, self.ppo.lam)
-        metrics = _batch_metrics(advantages, returns, old_values, mask)
-        if self.ppo.whiten_advantages and mask.any():
-            advantages = whiten(advantages, mask)
+        if self.global_mean is None:  # a lone process (unit use): its own token statistics
+            metrics = _batch_metrics(advantages, returns, old_values, mask)
+            if self.ppo.whiten_advantages and mask.any():
+                advantages = whiten(advantages, mask)
+        else:  # every process calls the collectives, whether or not it has valid tokens
+            metrics = _global_batch_metrics(advantages, returns, old_values, mask, self.global_mean)
+            if self.ppo.whiten_advantages:
+                advantages = _global_whiten(advantages, mask, self.global_mean)
         extras = {"old_values": old_values, "returns": returns, "token_rewards": token_rewards}
         return TrainBatch(rollout, advantages, extras=extras, metrics=metrics)
 
@@ -120,6 +141,38 @@ class Ppo(Algorithm):
 
 def _clamp(x: Tensor, bound: float | None) -> Tensor:
     return x if bound is None else x.clamp(-bound, bound)
+
+
+def _global_batch_metrics(
+    advantages: Tensor, returns: Tensor, values: Tensor, mask: Tensor, mean
+) -> dict[str, float]:
+    """:func:`_batch_metrics` over every process's valid tokens (token-weighted global means;
+    population variances as ``mean((x − mean x)²)``)."""
+    m = mask.bool()
+    a, g, v = (x.detach().double()[m] for x in (advantages, returns, values))
+
+    def var(x: Tensor) -> float:
+        return mean((x - mean(x)) ** 2)
+
+    var_g = var(g)
+    a_mean = mean(a)
+    return {
+        "advantage/mean": a_mean,
+        "advantage/std": math.sqrt(max(mean((a - a_mean) ** 2), 0.0)),
+        "value/returns_mean": mean(g),
+        "value/values_mean": mean(v),
+        "value/explained_variance": 1.0 - var(g - v) / var_g if var_g > 0 else float("nan"),
+    }
+
+
+def _global_whiten(x: Tensor, mask: Tensor, mean, eps: float = 1e-8) -> Tensor:
+    """:func:`kltrain.rl.advantages.whiten` with the mean and population variance over every
+    process's valid entries: ``(x − μ)/sqrt(σ² + eps)``, 0 on padding. [B, T] → [B, T]."""
+    valid = x.detach().double()[mask.bool()]
+    mu = mean(valid)
+    var = mean((valid - mu) ** 2)
+    out = (x.detach().double() - mu) / math.sqrt(var + eps)
+    return torch.where(mask.bool(), out, 0.0).to(x.dtype)
 
 
 def _batch_metrics(advantages: Tensor, returns: Tensor, values: Tensor, mask: Tensor) -> dict:

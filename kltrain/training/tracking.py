@@ -66,8 +66,13 @@ class RunLogger:
         self.reward_is_raw = not any(term.transforms for term in cfg.reward.terms)
 
     def start(
-        self, regulariser: Regulariser, first_step: int = 0, run_id: str | None = None
+        self,
+        regulariser: Regulariser,
+        first_step: int = 0,
+        run_id: str | None = None,
+        world_size: int = 1,
     ) -> None:
+        """``world_size``: the number of processes in the run, recorded in config.yaml."""
         if not self.main:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -79,6 +84,7 @@ class RunLogger:
         extra = {
             "versions": library_versions(),
             "gradient_followed": followed,
+            "world_size": world_size,
         }
         (self.dir / "config.yaml").write_text(to_yaml(self.cfg, extra))
         print(

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import save_file
@@ -43,12 +42,14 @@ from kltrain.divergence.functions import get_divergence
 from kltrain.divergence.lm_head import TokenChunk, fused_token_loss
 from kltrain.models.loading import Models, load_models, refuse_fp16_on_cpu
 from kltrain.models.logits import lm_head_params
+from kltrain.models.sampling import sample_seed
 from kltrain.objective import LOGGED_DIVERGENCES, build_regulariser, optimiser_steps_per_batch
 from kltrain.prompt_length import count_truncated, screen_long_prompts
 from kltrain.rewards import RewardFunction
 from kltrain.rl.coef import make_coef
+from kltrain.rl.reduction import max_of
 from kltrain.rollout import Rollout, completion_hidden, generate, measure, tempered
-from kltrain.training import checkpoint, preemption, run_folder
+from kltrain.training import checkpoint, distributed, preemption, run_folder
 from kltrain.training.tracking import RunLogger, StepResult
 
 #: Per-token statistics summed inside the lm_head kernel over this process's tokens (each
@@ -108,9 +109,11 @@ class Trainer:
             cfg = cfg.model_copy(deep=True)
             cfg.trainer.output_dir = str(run_dir)
         self.cfg = cfg
-        self.accelerator = accelerator or _make_accelerator(cfg)
+        self.accelerator = accelerator or distributed.make_accelerator(cfg)
         acc = self.accelerator
-        set_seed(cfg.seed, device_specific=True)  # per-process sampling seeds
+        if acc.is_main_process:
+            print(distributed.describe(acc), flush=True)
+        set_seed(cfg.seed, device_specific=True)  # per-process RNG (dropout); sampling: per sample
         self.output_dir = _shared_output_dir(cfg, acc)
         run_folder.check_writable(self.output_dir)
         if not resume:
@@ -139,11 +142,23 @@ class Trainer:
             adaptive.horizon if adaptive else None,
         )
         self.algorithm = make_algorithm(cfg)
-        self.algorithm.setup(self.models, mean=self._mean)
+        many = acc.num_processes > 1
+        self.algorithm.setup(
+            self.models,
+            mean=self._mean,
+            gather=(lambda t: distributed.gather_rows(acc, t)) if many else None,
+            process_index=acc.process_index,
+        )
         for module in self._algorithm_modules().values():
             module.to(acc.device)
         groups = self._param_groups()
         self.params = [p for group in groups for p in group["params"]]
+        # the policy's training forward goes through the engine (DDP: bucketed gradient SUM);
+        # the algorithm's own trainable modules are reduced in one collective per update
+        self.policy_forward = distributed.prepare_policy(
+            acc, distributed.PolicyHidden(self.models.policy, completion_hidden)
+        )
+        self.module_params = [p for group in groups[1:] for p in group["params"]]
         self.minibatch_generator = torch.Generator().manual_seed(cfg.seed)
         self.optimizer = torch.optim.AdamW(
             groups,
@@ -221,7 +236,10 @@ class Trainer:
         """Train for ``trainer.max_steps`` steps; returns the run summary."""
         cfg = self.cfg
         self.logger.start(
-            self.regulariser, first_step=self.state.step, run_id=self.state.wandb_run_id
+            self.regulariser,
+            first_step=self.state.step,
+            run_id=self.state.wandb_run_id,
+            world_size=self.accelerator.num_processes,
         )
         try:
             with self.watcher:
@@ -263,7 +281,7 @@ class Trainer:
         metrics = {
             **reward_metrics,
             **self._divergence_metrics(rollout),
-            **batch.metrics,
+            **distributed.reduce_metrics(self.accelerator, batch.metrics),
             **update_metrics,
             "data/truncated_prompts": float(self._global_count(self._truncated_prompts)),
         }
@@ -332,6 +350,7 @@ class Trainer:
             top_p=gen.top_p,
             batch_size=cfg.trainer.generation_batch_size or len(texts),
             model=sampler,
+            seeds=self._sample_seeds(len(texts)),
         )
         if clock:
             clock.lap("time/generate_seconds")
@@ -364,6 +383,14 @@ class Trainer:
         if clock:
             clock.lap("time/measure_seconds")
         return rollout
+
+    def _sample_seeds(self, num_local: int) -> list[int]:
+        """One sampling seed per local sample, from (seed, step, global sample index): process
+        r's samples are the global samples ``r·num_local … (r+1)·num_local − 1`` (contiguous
+        shares of the step's prompts, k samples each), so every world size draws the same ones."""
+        step = self.state.step + 1
+        first = self.accelerator.process_index * num_local
+        return [sample_seed(self.cfg.seed, step, first + i) for i in range(num_local)]
 
     def score(self, rollout: Rollout, step: int) -> tuple[Tensor, dict[str, float]]:
         """Sequence rewards [B]. Invalid samples (``reward.on_invalid: skip``) get their
@@ -399,7 +426,7 @@ class Trainer:
         algo = self.cfg.algorithm
         sums: dict[str, float] = defaultdict(float)
         skipped = 0
-        self._ratio_max = 0.0
+        self._ratio_max = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
         for rows in self._minibatches(batch.rollout.num_sequences):
             ok = self._optimiser_step(batch, rows, sums, step)
             skipped += 0 if ok else 1
@@ -439,14 +466,15 @@ class Trainer:
         num_tokens = max(self._global_count(int(mask.sum())), 1)
         loss_total = torch.zeros((), device=self.accelerator.device)
         micro = self.cfg.trainer.micro_batch_size
-        for start in range(0, len(rows), micro):
-            part = rows[start : start + micro]
-            if not mask[start : start + micro].any():
+        starts = range(0, len(rows), micro)
+        for start in starts:
+            if self.accelerator.num_processes == 1 and not mask[start : start + micro].any():
                 continue  # every sample invalid (reward.on_invalid: skip): no loss, no gradient
-            loss = self._micro_batch_loss(batch, part, num_tokens, sums)
-            loss.backward()
+            with distributed.sync_context(self.policy_forward, sync=start == starts[-1]):
+                loss = self._micro_batch_loss(batch, rows[start : start + micro], num_tokens, sums)
+                loss.backward()
             loss_total += loss.detach()
-        self._all_reduce_gradients()
+        distributed.all_reduce_gradients(self.accelerator, self.module_params)
         grad_norm = self._clip_gradients()
         loss_value = self._sum_across(loss_total)
         sums["loss"] += loss_value
@@ -467,11 +495,9 @@ class Trainer:
         r, reg = batch.rollout, self.regulariser
         policy = self.models.policy
         mask = r.completion_mask[rows]
-        if not mask.any():
-            return torch.zeros((), device=self.accelerator.device)
-        hidden = completion_hidden(
-            policy, r.input_ids[rows], r.attention_mask[rows], r.prompt_length
-        )
+        hidden = self.policy_forward(r.input_ids[rows], r.attention_mask[rows], r.prompt_length)
+        if not mask.any():  # the engine's collectives pair up only if every process backwards
+            return hidden.sum() * 0.0 + lm_head_params(policy)[0].sum() * 0.0
         old = r.stats["logprobs"][rows][mask]
         ref_lp = r.stats["ref_logprobs"][rows][mask]
         adv = batch.advantages[rows][mask]
@@ -485,8 +511,9 @@ class Trainer:
             if in_loss:
                 d = reg.loss_term(chunk.logprobs, ref_lp[sl], chunk.divergence, old[sl])
                 per_token = per_token + beta * d
-            sums["clip_fraction"] += float(stats["clipped"].sum()) / num_tokens
-            sums["approx_kl_old"] += float(stats["approx_kl"].sum()) / num_tokens
+            # float64 tensors, no host sync per chunk: read once per step in optimise()
+            sums["clip_fraction"] += stats["clipped"].sum().double() / num_tokens
+            sums["approx_kl_old"] += stats["approx_kl"].sum().double() / num_tokens
             self._log_importance_ratio(chunk.logprobs.detach() - old[sl], sums, num_tokens)
             return per_token.sum() / num_tokens
 
@@ -517,10 +544,10 @@ class Trainer:
     def _log_importance_ratio(self, log_w: Tensor, sums: dict, num_tokens: int) -> None:
         """w_t = π_θ/π_old at the chunk's tokens [n]: its token mean (summed like the other
         token metrics) and its running max, so a run shows how far off-policy its updates went."""
-        w = torch.exp(log_w.double())
-        sums["importance_ratio_mean"] += float(w.sum()) / num_tokens
+        w = torch.exp(log_w.double())  # tensors: read once per step, no host sync per chunk
+        sums["importance_ratio_mean"] += w.sum() / num_tokens
         if w.numel():
-            self._ratio_max = max(self._ratio_max, float(w.max()))
+            self._ratio_max = torch.maximum(self._ratio_max, w.max())
 
     def _regularised_in_loss(self) -> bool:
         reg = self.regulariser
@@ -528,14 +555,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     # Distributed helpers: the only process-aware code.
-    def _all_reduce_gradients(self) -> None:
-        if self.accelerator.num_processes == 1:
-            return
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-
     def _clip_gradients(self) -> float:
         max_norm = self.cfg.trainer.max_grad_norm
         grads = [p for p in self.params if p.grad is not None]
@@ -548,12 +567,9 @@ class Trainer:
         t = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(t, reduction="sum"))
 
-    def _max_across(self, value: float) -> float:
-        if self.accelerator.num_processes == 1:
-            return value
-        t = torch.tensor(value, dtype=torch.float64, device=self.accelerator.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
+    def _max_across(self, value: Tensor | float) -> float:
+        t = torch.as_tensor(value, dtype=torch.float64).reshape(1)
+        return distributed.reduce_metrics(self.accelerator, {"max": max_of(t)})["max"]
 
     def _global_count(self, n: int) -> int:
         return int(self._sum_across(float(n)))
@@ -797,11 +813,6 @@ def _check_minibatches(cfg: RunConfig, world_size: int) -> None:
             f"sequences per step (trainer.prompts_per_step / processes × "
             f"algorithm.num_generations); use a divisor of {per_process}"
         )
-
-
-def _make_accelerator(cfg: RunConfig) -> Accelerator:
-    log_with = "wandb" if cfg.tracking.wandb.mode != "disabled" else None
-    return Accelerator(cpu=cfg.trainer.device == "cpu", log_with=log_with)
 
 
 def _shared_output_dir(cfg: RunConfig, acc: Accelerator) -> Path:

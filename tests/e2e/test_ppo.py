@@ -23,9 +23,11 @@ def test_ppo_reverse_kl_config_two_steps(tmp_path):
         ROOT / "configs" / "ppo_reverse_kl.yaml",
         [
             "trainer.max_steps=2",
-            "trainer.prompts_per_step=2",
+            # 8 sequences of 12 tokens: with 4 of 8 tokens every completion can miss the
+            # sentiment lexicon (reward 0 everywhere, β·k1 = 0 at the start: no signal at all)
+            "trainer.prompts_per_step=4",
             "algorithm.num_generations=2",
-            "generation.max_new_tokens=8",
+            "generation.max_new_tokens=12",
             f"trainer.output_dir={out}",
             "tracking.wandb.mode=disabled",
             "tracking.progress=false",

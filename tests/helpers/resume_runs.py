@@ -209,5 +209,25 @@ def write_config(
     return path
 
 
+def run_processes(
+    argv: list[str], nproc: int, kill: dict | None = None, log: Path | None = None
+) -> int:
+    """``kltrain fit`` on ``nproc`` processes (torchrun, gloo on CPU), every process installing
+    the same kill hook (as a whole job dying at once: a node lost, a SIGKILL of the job); the
+    launcher's exit code (non-zero when its processes were killed)."""
+    from kltrain.training.distributed import free_port
+
+    request = json.dumps({"argv": argv, "kill": kill, "log": str(log) if log else None})
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "OMP_WAIT_POLICY": "PASSIVE"}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    command += ["--master_port", str(free_port()), "-m", "tests.helpers.resume_runs", "--direct"]
+    with open(log or os.devnull, "a") as out:
+        done = subprocess.run([*command, request], cwd=REPO, env=env, stdout=out, stderr=out)
+    return done.returncode
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--direct"]:  # one process of a torchrun launch: no zygote, no fork
+        _child(json.loads(sys.argv[2]))
     serve()

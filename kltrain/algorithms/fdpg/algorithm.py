@@ -92,13 +92,28 @@ class Fdpg(Algorithm):
         self._policy: torch.nn.Module | None = None
         self.proposal_updates = 0
         self.global_mean: Callable[[Tensor], float] = lambda v: float(v.double().mean())
+        #: all processes' rows of a tensor, concatenated in process order (identity on 1)
+        self.gather: Callable[[Tensor], Tensor] = lambda t: t
+        self.gathers = False
+        self.process_index = 0
 
     # ------------------------------------------------------------------------------------------
-    def setup(self, models, mean: Callable[[Tensor], float] | None = None) -> None:
+    def setup(
+        self,
+        models,
+        mean: Callable[[Tensor], float] | None = None,
+        gather: Callable[[Tensor], Tensor] | None = None,
+        process_index: int = 0,
+    ) -> None:
         """Offline proposal: q = a frozen copy of the (already placed) policy. ``mean`` averages
-        a [B] tensor over every process's samples, so all processes take the same decision."""
+        a [B] tensor over every process's samples, so all processes take the same decision.
+        ``gather`` concatenates every process's rows ([B] or [B, T], padded) in process order:
+        each process then computes Z, λ, the advantages and every metric on the whole step's
+        samples (identical everywhere) and keeps its own rows ``process_index·B …``."""
         if mean is not None:
             self.global_mean = mean
+        if gather is not None:
+            self.gather, self.gathers, self.process_index = gather, True, process_index
         if self.offline:
             self._policy = models.policy
             self.proposal = copy.deepcopy(models.policy).eval().requires_grad_(False)
@@ -121,6 +136,9 @@ class Fdpg(Algorithm):
     def prepare(self, rollout: Rollout, rewards: Tensor, penalty: Tensor | None) -> TrainBatch:
         del penalty  # uses_regulariser is False: D_f(π‖p) is the objective itself
         self.steps += 1
+        local_mask = rollout.completion_mask
+        rollout_here, rollout = rollout, self._whole_step(rollout)
+        rewards = self.gather(rewards)
         mask = rollout.completion_mask
         log_pi = (rollout.stats["logprobs"].double() * mask).sum(dim=1)  # π at sampling time
         log_ref = (rollout.stats["ref_logprobs"].double() * mask).sum(dim=1)
@@ -137,14 +155,37 @@ class Fdpg(Algorithm):
         pseudo, clipped = self.pseudo_reward(log_u)
         baseline = self.baseline(pseudo, weight if self.offline else None)
         seq_adv = -weight * (pseudo - baseline)
-        advantages = (seq_adv.unsqueeze(1) * mask).float()
+        first = self.process_index * local_mask.shape[0]  # this process's rows of the step
+        mine = seq_adv[first : first + local_mask.shape[0]]
+        advantages = (mine.unsqueeze(1) * local_mask).float()
         metrics.update(self.diagnostics(rollout, log_u, log_w, keys, pseudo, clipped, weight))
         if self.offline:
             log_u_q = torch.where(violated, torch.inf, log_q - log_ref - score + log_z)
             metrics.update(self.update_proposal(log_u, log_u_q, weight, log_pi - log_q))
         metrics["advantage/mean"] = float(seq_adv.mean())
         metrics["advantage/std"] = float(seq_adv.std(unbiased=False)) if len(keys) > 1 else 0.0
-        return TrainBatch(rollout, advantages, metrics=metrics)
+        return TrainBatch(rollout_here, advantages, metrics=metrics)
+
+    def _whole_step(self, rollout: Rollout) -> Rollout:
+        """The step's samples of every process as one rollout (only the fields f-DPG reads:
+        per-token log-probs, masks, ids, prompt keys, reward terms); this one on 1 process."""
+        if not self.gathers:
+            return rollout
+        names = ["logprobs", "ref_logprobs"] + (["proposal_logprobs"] if self.offline else [])
+        keys = self.gather(torch.tensor(rollout.prompt_indices, device=rollout.input_ids.device))
+        ids = self.gather(rollout.completion_ids)
+        return Rollout(
+            prompt_indices=keys.tolist(),
+            group_ids=torch.zeros(0),
+            prompts=[],
+            completions=[],
+            input_ids=ids,  # prompt_length 0: completion_ids is the whole of input_ids
+            attention_mask=torch.zeros(0),
+            completion_mask=self.gather(rollout.completion_mask),
+            prompt_length=0,
+            stats={n: self.gather(rollout.stats[n]) for n in names},
+            rewards_per_term={k: self.gather(v) for k, v in rollout.rewards_per_term.items()},
+        )
 
     def log_scores(
         self, rollout: Rollout, rewards: Tensor, log_w0: Tensor, keys: list

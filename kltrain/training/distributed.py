@@ -1,0 +1,216 @@
+"""Process-group set-up: build the Accelerator so that every launcher forms ONE group, and refuse
+to run when the processes that were started did not join it.
+
+Why this exists: with ``Accelerator(cpu=False)`` on a machine without CUDA, Accelerate 1.x ignores
+``WORLD_SIZE`` (it only forms a CPU group when told ``cpu=True``), so ``torchrun
+--nproc_per_node 2 -m kltrain fit`` used to start two unrelated single-process runs writing the
+same run folder. And ``accelerate launch --cpu --num_processes 2`` always takes Accelerate's
+single-process launcher (``simple_launcher``): it starts one process that cannot know two were
+asked for. ``kltrain fit --num-processes N`` and the commands in the README avoid both.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch import Tensor
+
+from kltrain.config import ConfigError, RunConfig
+from kltrain.rl.reduction import Reduced, finish
+
+#: Environment variables through which launchers announce the number of processes they started
+#: (torchrun/Accelerate: WORLD_SIZE; MPI launchers: the others, as Accelerate reads them).
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+class ProcessGroupError(ConfigError):
+    """The processes a launcher started did not form one process group."""
+
+
+def use_cpu(device: str) -> bool:
+    """``trainer.device`` → Accelerate's ``cpu`` flag. ``auto`` means CUDA when there is one, else
+    the CPU, and on the CPU a multi-process launch must say ``cpu=True`` to get a gloo group."""
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    """The run's Accelerator; raises :class:`ProcessGroupError` if the launched processes did not
+    all join its process group (before anything is written)."""
+    log_with = "wandb" if cfg.tracking.wandb.mode != "disabled" else None
+    acc = Accelerator(cpu=use_cpu(cfg.trainer.device), log_with=log_with)
+    check_process_group(acc.num_processes, launched_world_size())
+    check_engine(acc.distributed_type.value)
+    return acc
+
+
+#: Accelerate engines the loop runs on: none (1 process) and DDP (CPU gloo / GPU NCCL).
+SUPPORTED_ENGINES = ("NO", "MULTI_CPU", "MULTI_GPU")
+
+
+def check_engine(distributed_type: str) -> None:
+    """Refuse FSDP / DeepSpeed (and anything else) before they shard the policy: the chunked
+    lm_head path reads the lm_head weight outside ``forward``, which those engines hand out as a
+    shard, and generation, scoring and checkpoints are not wired to gather it yet."""
+    if distributed_type not in SUPPORTED_ENGINES:
+        raise ProcessGroupError(
+            f"Accelerate engine {distributed_type} is not supported by kltrain's loop yet "
+            f"(supported: {', '.join(SUPPORTED_ENGINES)}); launch with "
+            f"configs/accelerate/ddp.yaml or multinode.yaml (data parallel), or "
+            f"`kltrain fit CONFIG --num-processes N`"
+        )
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher says it started (1 when none says)."""
+    for name in WORLD_SIZE_VARIABLES:
+        value = os.environ.get(name)
+        if value:
+            return int(value)
+    return 1
+
+
+def check_process_group(joined: int, launched: int) -> None:
+    if joined != launched:
+        raise ProcessGroupError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but this one "
+            f"joined a process group of {joined}; refusing to run {launched} unrelated copies "
+            f"into one run folder. On a CPU machine use trainer.device=auto or cpu; launch with "
+            f"`kltrain fit CONFIG --num-processes {launched}` or `torchrun --nproc_per_node "
+            f"{launched} -m kltrain fit CONFIG`"
+        )
+
+
+def describe(acc: Accelerator) -> str:
+    """One console line: the world size, backend and device of this run."""
+    backend = acc.state.backend if acc.num_processes > 1 else "none"
+    return (
+        f"kltrain: world_size {acc.num_processes} ({acc.distributed_type.value}, backend "
+        f"{backend}, device {acc.device.type})"
+    )
+
+
+def launch_command(num_processes: int, argv: list[str], port: int | None = None) -> list[str]:
+    """The command ``kltrain fit --num-processes N`` runs: Accelerate's multi-process launcher
+    (torchrun underneath; ``--multi_gpu`` is its name for it, on a CPU machine the processes form
+    a gloo group), each process running ``python -m kltrain`` with ``argv`` (the flag removed)."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port or free_port()),
+        "-m",
+        "kltrain",
+        *argv,
+    ]
+
+
+def free_port() -> int:
+    """A free local TCP port for the rendezvous (the default 29500 collides between runs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def reduce_metrics(acc: Accelerator, metrics: dict[str, float | Reduced]) -> dict[str, float]:
+    """Finish every :class:`Reduced` metric over all processes: one all-reduce (sum) of all the
+    additive parts concatenated, one (max) of the max parts; plain floats pass through (they are
+    already global)."""
+    tagged = {k: v for k, v in metrics.items() if isinstance(v, Reduced)}
+    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, Reduced)}
+    for kind_is_max in (False, True):
+        names = [k for k, v in tagged.items() if (v.kind == "max") == kind_is_max]
+        if not names:
+            continue
+        parts = [tagged[k].parts.to(acc.device, torch.float64) for k in names]
+        flat = torch.cat(parts)
+        if acc.num_processes > 1:
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX if kind_is_max else dist.ReduceOp.SUM)
+        for name, piece in zip(names, flat.split([p.numel() for p in parts]), strict=True):
+            out[name] = finish(tagged[name].kind, piece.cpu())
+    return {k: out[k] for k in metrics}  # the caller's order
+
+
+class PolicyHidden(torch.nn.Module):
+    """The policy's training forward as a module, so that the engine wraps it: completion hidden
+    states ``[B, T, H]`` (``rollout.completion_hidden``) without the ``[B, T, V]`` logits. The
+    lm_head weight is a parameter of this module (DDP reduces its gradient) although the chunked
+    loss applies it outside ``forward``."""
+
+    def __init__(self, policy: torch.nn.Module, hidden_fn):
+        super().__init__()
+        self.policy = policy
+        self._hidden_fn = hidden_fn
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
+        return self._hidden_fn(self.policy, input_ids, attention_mask, prompt_length)
+
+
+def prepare_policy(acc: Accelerator, policy_hidden: PolicyHidden) -> torch.nn.Module:
+    """``accelerator.prepare`` the training forward: unchanged on one process (bit-exact with
+    calling the policy directly), DDP over the process group otherwise, its gradient buckets
+    all-reduced with a SUM (the losses are already divided by the step's global token count, so
+    the processes' gradients add up to the global one; DDP's default would divide by the world
+    size)."""
+    prepared = acc.prepare(policy_hidden)
+    if isinstance(prepared, torch.nn.parallel.DistributedDataParallel):
+        prepared.register_comm_hook(state=None, hook=_sum_hook)
+    return prepared
+
+
+def _sum_hook(state, bucket):  # no annotations: DDP compares them as objects, not strings
+    """DDP communication hook: SUM the bucket (dist.GradBucket) → Future[Tensor]."""
+    del state
+    work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def sync_context(model: torch.nn.Module, sync: bool) -> AbstractContextManager:
+    """``no_sync`` for every micro-batch of an optimiser step but the last: DDP then reduces the
+    accumulated gradient once, bucketed and overlapped with the last backward."""
+    if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return model.no_sync()
+
+
+def all_reduce_gradients(acc: Accelerator, params: list[torch.nn.Parameter]) -> None:
+    """SUM the gradients of ``params`` (trainable modules outside the engine-wrapped policy,
+    e.g. PPO's value head) across processes in one flattened collective per dtype; a missing
+    gradient counts as zero (every process must contribute the same shapes)."""
+    if acc.num_processes == 1 or not params:
+        return
+    for dtype in sorted({p.dtype for p in params}, key=str):
+        group = [p for p in params if p.dtype == dtype]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for p, piece in zip(group, flat.split([g.numel() for g in grads]), strict=True):
+            p.grad = piece.view_as(p).clone()
+
+
+def gather_rows(acc: Accelerator, t: Tensor) -> Tensor:
+    """Every process's rows of ``t`` ([B] or [B, T, ...], same B everywhere) concatenated in
+    process order; dimension 1 padded with zeros (False) to the longest process's."""
+    x = t.to(acc.device)
+    is_bool = x.dtype == torch.bool
+    if is_bool:  # gloo gathers no bool tensors
+        x = x.to(torch.uint8)
+    if x.dim() > 1:
+        x = acc.pad_across_processes(x, dim=1, pad_index=0)
+    out = acc.gather(x.contiguous())
+    return out.bool() if is_bool else out

@@ -1,0 +1,56 @@
+"""Run several tiny configs in one launch (1 process, or N under torchrun), recording each step's
+sampled token ids in global sample order, for the world-size equivalence tests.
+
+``python -m tests.helpers.world_runs SPEC.json`` or ``torchrun --nproc_per_node 2 -m
+tests.helpers.world_runs SPEC.json``; SPEC is ``{"configs": [path, ...]}``. Each run writes
+``token_ids.jsonl`` (one line per step: ``{"step", "ids": [[...] per global sample]}``, the
+completion tokens up to and including EOS) into its ``trainer.output_dir``, besides what the
+loop writes. One launch serves several runs because starting a process costs seconds here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate.utils import gather_object
+
+from kltrain.config import load_config
+from kltrain.training.trainer import Trainer
+
+
+def _record_token_ids(trainer: Trainer) -> None:
+    """Wrap this trainer's ``make_rollout`` (an instance attribute: production code has no test
+    hook) so that every rollout's completion ids are gathered in global sample order."""
+    original = trainer.make_rollout
+    out = Path(trainer.output_dir) / "token_ids.jsonl"
+
+    def make_rollout(clock=None):
+        rollout = original(clock)
+        ids = [
+            row[mask].tolist()
+            for row, mask in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
+        ]
+        if trainer.accelerator.num_processes > 1:
+            ids = gather_object(ids)  # rank order = global sample order (contiguous shares)
+        if trainer.accelerator.is_main_process:
+            with out.open("a") as f:
+                f.write(json.dumps({"step": trainer.state.step + 1, "ids": ids}) + "\n")
+        return rollout
+
+    trainer.make_rollout = make_rollout
+
+
+def main(spec_path: str) -> None:
+    torch.use_deterministic_algorithms(True)
+    spec = json.loads(Path(spec_path).read_text())
+    for config in spec["configs"]:
+        trainer = Trainer(load_config(config))
+        _record_token_ids(trainer)
+        trainer.fit()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,342 @@
+"""1 process and 2 processes (torchrun, gloo, CPU, ``trainer.device: auto``) run the same run.
+
+Same global batch and seed → identical sampled token ids (each sample's generation stream derives
+from (seed, step, global sample index)), identical per-step metrics up to fp32 reduction order,
+and final weights equal up to the same. Gradient accumulation × world size 1×1, 1×4 and 2×2 give
+the same update. Two launches serve every comparison (one per world size: starting a process
+costs seconds on this CPU), so the tests share a module fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from kltrain.rl.reduction import combine, finish, max_of, mean_of, std_of, sum_of
+from kltrain.training.distributed import (
+    ProcessGroupError,
+    check_engine,
+    check_process_group,
+    free_port,
+    launch_command,
+)
+from tests.helpers.resume_runs import REPO, child_pythonpath
+from tests.helpers.tiny import loop_config_raw, make_tiny_model_dir, update_sections
+
+#: Per-step metrics: |a − b| ≤ METRIC_RTOL·max(|a|, |b|) + METRIC_ATOL. The runs differ only in
+#: the order fp32 sums are taken (matmul blocking over other padded shapes, one sum vs a sum of
+#: per-process sums); 1e-6 relative is the issue's bound, and the absolute floor, 2^-24 · 2,
+#: admits quantities that are 0 in exact arithmetic (e.g. RLOO's mean advantage) but come out as
+#: rounding residue of O(1) terms.
+METRIC_RTOL = 1e-6
+METRIC_ATOL = 2 * 2.0**-24
+
+#: Final weights: ‖Δθ_a − Δθ_b‖ ≤ WEIGHT_RTOL · ‖Δθ_a‖, Δθ the change from the initial weights.
+#: Derivation: each gradient entry is a sum of n ≤ 4096 fp32 products here (tokens × hidden), so
+#: reduction order perturbs it by at most n·2^-24 ≈ 2.4e-4 relative (the worst-case linear bound;
+#: typically √n·2^-24); Adam's m/(√v + ε) passes a relative gradient error through with gain ≤ 1
+#: (it is homogeneous of degree 0 in g away from ε), over 2 steps. A broken gradient sync (each
+#: process stepping on its own half) gives an O(1) relative difference.
+WEIGHT_RTOL = 4096 * 2.0**-24
+
+#: name → (sections, whether the 2-process launch runs it too)
+RUNS = {
+    # exact reverse KL in the loss; micro-batch 2: 1 process × 4 micro-batches vs 2 × 2
+    "rloo_exact": ({"trainer": {"micro_batch_size": 2}}, True),
+    # the same update in one micro-batch (1 × 1), 1 process only
+    "rloo_exact_whole": ({"trainer": {"micro_batch_size": 8}}, False),
+    # sampled k2 in the loss, clipped ratio over 2 epochs
+    "grpo_k2": (
+        {
+            "algorithm": {"name": "grpo", "num_generations": 2, "epochs": 2},
+            "kl": {"estimator": "k2", "placement": "loss"},
+        },
+        True,
+    ),
+    # PPO: k1 in the reward, value head, GAE, advantages whitened over all processes' tokens
+    "ppo_k1": (
+        {
+            "algorithm": {"name": "ppo", "num_generations": 2, "epochs": 2},
+            "kl": {"estimator": "k1", "placement": "reward"},
+        },
+        True,
+    ),
+    # f-DPG toward moments (λ refitted every step, per-prompt Z): the exact JS objective
+    "fdpg_moments_js": (
+        {
+            "algorithm": {
+                "name": "fdpg",
+                "num_generations": 2,
+                "fdpg": {
+                    "target": "moments",
+                    "moments": [0.5, 0.4],
+                    "lambdas": [0.3, -0.2],
+                    "refit_every": 1,
+                },
+            },
+            "kl": {"divergence": "js", "coef": None},  # None: the key removed (moments take no β)
+            "generation": {"min_new_tokens": 0},
+            "reward": {
+                "terms": [
+                    {"name": "tests.helpers.fdpg_rewards:has_letter_e"},
+                    {"name": "tests.helpers.fdpg_rewards:has_letter_a"},
+                ]
+            },
+        },
+        True,
+    ),
+    # sampled k1 in the reward (reward-to-go), adaptive β
+    "rloo_k1_reward": (
+        {"kl": {"estimator": "k1", "placement": "reward", "adaptive": {"target": 1, "horizon": 5}}},
+        True,
+    ),
+}
+
+
+def _config(root: Path, model: str, name: str, world: int, sections: dict) -> Path:
+    out = root / f"{name}-w{world}"
+    raw = loop_config_raw(model, out)
+    raw["trainer"].update({"prompts_per_step": 4, "micro_batch_size": 4})
+    raw["seed"] = 11
+    update_sections(raw, json.loads(json.dumps(sections)))
+    raw = {k: {n: v for n, v in s.items() if v is not None} if isinstance(s, dict) else s
+           for k, s in raw.items()}  # fmt: skip
+    path = root / f"{name}-w{world}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _launch(root: Path, world: int, configs: list[Path]) -> None:
+    spec = root / f"spec-w{world}.json"
+    spec.write_text(json.dumps({"configs": [str(c) for c in configs]}))
+    module = ["-m", "tests.helpers.world_runs", str(spec)]
+    if world == 1:
+        command = [sys.executable, *module]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(world),
+            "--master_port",
+            str(free_port()),
+            *module,
+        ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": child_pythonpath(),
+        "OMP_NUM_THREADS": "1",  # as torchrun sets it, so both launches run the same kernels
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    model = str(make_tiny_model_dir(root / "model"))
+    for world in (1, 2):
+        configs = [
+            _config(root, model, name, world, sections)
+            for name, (sections, both) in RUNS.items()
+            if world == 1 or both
+        ]
+        _launch(root, world, configs)
+    return root
+
+
+def _metrics(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in lines]
+
+
+def _token_ids(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "token_ids.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def _assert_metrics_close(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b) == 2
+    for step_a, step_b in zip(a, b, strict=True):
+        assert step_a.keys() == step_b.keys()
+        for key, x in step_a.items():
+            y = step_b[key]
+            if not isinstance(x, float | int):
+                assert x == y, key
+                continue
+            bound = METRIC_RTOL * max(abs(x), abs(y)) + METRIC_ATOL
+            assert abs(x - y) <= bound, f"step {step_a['step']} {key}: {x!r} vs {y!r}"
+
+
+def _assert_same_update(a: Path, b: Path, initial: dict[str, torch.Tensor]) -> None:
+    wa, wb = _weights(a), _weights(b)
+    da = torch.cat([(wa[k].double() - initial[k].double()).flatten() for k in sorted(initial)])
+    db = torch.cat([(wb[k].double() - initial[k].double()).flatten() for k in sorted(initial)])
+    assert da.norm() > 0  # the runs trained
+    assert (da - db).norm() <= WEIGHT_RTOL * da.norm(), float((da - db).norm() / da.norm())
+
+
+@pytest.mark.multiprocess
+def test_two_processes_form_one_group_and_record_its_size(runs):
+    """torchrun --nproc_per_node 2 with trainer.device auto on a CPU machine: one gloo group
+    (before: two unrelated single-process runs), recorded in config.yaml."""
+    for name, (_, both) in RUNS.items():
+        if both:
+            config = yaml.safe_load((runs / f"{name}-w2" / "config.yaml").read_text())
+            assert config["world_size"] == 2
+    assert yaml.safe_load((runs / "rloo_exact-w1" / "config.yaml").read_text())["world_size"] == 1
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", [n for n, (_, both) in RUNS.items() if both])
+def test_one_and_two_processes_run_the_same_run(runs, name):
+    one, two = runs / f"{name}-w1", runs / f"{name}-w2"
+    assert _token_ids(one) == _token_ids(two)
+    assert len(_token_ids(one)[0]["ids"]) == 8  # 4 prompts × 2 samples, all gathered
+    _assert_metrics_close(_metrics(one), _metrics(two))
+    initial = load_file(str(runs / "model" / "model.safetensors"))
+    _assert_same_update(one, two, initial)
+
+
+@pytest.mark.multiprocess
+def test_accumulation_times_world_size_gives_the_same_update(runs):
+    """1 × 1 (one micro-batch), 1 × 4 and 2 × 2 (processes × micro-batches)."""
+    initial = load_file(str(runs / "model" / "model.safetensors"))
+    whole, four, two_by_two = (
+        runs / "rloo_exact_whole-w1",
+        runs / "rloo_exact-w1",
+        runs / "rloo_exact-w2",
+    )
+    assert _token_ids(whole) == _token_ids(four) == _token_ids(two_by_two)
+    _assert_metrics_close(_metrics(whole), _metrics(four))
+    _assert_same_update(whole, four, initial)
+    _assert_same_update(whole, two_by_two, initial)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reduction helpers, uneven masks per process (no processes needed: the collective is a sum or a
+# max of the parts, done here by ``combine``)
+
+
+def _uneven_split() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(3, 7, generator=g, dtype=torch.float64) * 3 + 1
+    masks = [torch.rand(7, generator=g) < p for p in (0.9, 0.2, 0.6)]
+    masks[1][:] = False  # one process with no valid entry at all
+    return torch.cat([v[m] for v, m in zip(values, masks, strict=True)]), [
+        v[m] for v, m in zip(values, masks, strict=True)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("of", "reference"),
+    [
+        (mean_of, lambda x: x.mean()),
+        (std_of, lambda x: x.std(unbiased=False)),
+        (sum_of, lambda x: x.sum()),
+        (max_of, lambda x: x.max()),
+    ],
+)
+def test_reduced_metrics_over_uneven_processes_equal_the_global_statistic(of, reference):
+    everything, per_process = _uneven_split()
+    reduced = combine([of(x) for x in per_process])
+    expected = float(reference(everything))
+    # float64 parts: the sums' rounding is ≤ n·2^-53 relative; 1e-12 leaves a wide margin
+    assert finish(reduced.kind, reduced.parts) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    # one process's own value (the loop logged process 0's before) is not the global statistic
+    assert finish(reduced.kind, of(per_process[2]).parts) != pytest.approx(expected, rel=1e-6)
+
+
+def test_empty_everywhere_finishes_as_zero():
+    empty = torch.zeros(0)
+    for of in (mean_of, std_of, max_of):
+        reduced = combine([of(empty), of(empty)])
+        assert finish(reduced.kind, reduced.parts) == 0.0
+
+
+def test_a_process_outside_the_launchers_group_is_refused():
+    with pytest.raises(ProcessGroupError, match=r"started 2 processes .* group of 1"):
+        check_process_group(joined=1, launched=2)
+    check_process_group(joined=2, launched=2)
+
+
+def test_num_processes_launches_accelerate_with_that_many_processes():
+    command = launch_command(3, ["fit", "c.yaml", "kl.coef=0.1"], port=1234)
+    i = command.index("--num_processes")
+    assert command[i + 1] == "3"
+    assert "--multi_gpu" in command  # --cpu would take Accelerate's single-process launcher
+    assert command[-5:] == ["-m", "kltrain", "fit", "c.yaml", "kl.coef=0.1"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations
+
+
+ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
+
+
+@pytest.mark.parametrize(
+    ("name", "engine"),
+    [
+        ("ddp", "MULTI_GPU"),
+        ("multinode", "MULTI_GPU"),
+        ("fsdp", "FSDP"),
+        ("deepspeed_zero2", "DEEPSPEED"),
+        ("deepspeed_zero3", "DEEPSPEED"),
+    ],
+)
+def test_accelerate_configs_parse_as_accelerate_reads_them(name, engine):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ACCELERATE_CONFIGS / f"{name}.yaml"))
+    assert config.distributed_type == engine
+    assert config.compute_environment == "LOCAL_MACHINE"
+    if name == "fsdp":
+        fsdp = config.fsdp_config
+        assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True
+        assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert config.mixed_precision == "bf16"
+    if name.startswith("deepspeed"):
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+    if name == "multinode":
+        assert config.num_machines > 1
+
+
+@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
+def test_sharding_engines_are_refused_by_name_until_the_loop_supports_them(engine):
+    with pytest.raises(ProcessGroupError, match=rf"engine {engine} is not supported"):
+        check_engine(engine)
+    for supported in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        check_engine(supported)
+
+
+@pytest.mark.multiprocess
+def test_kltrain_fit_num_processes_starts_that_many_in_one_group(tmp_path):
+    """The README's command: `kltrain fit CONFIG --num-processes 2` → one run of world size 2
+    (every process prints it; config.yaml records it)."""
+    model = str(make_tiny_model_dir(tmp_path / "model"))
+    raw = loop_config_raw(model, tmp_path / "run")
+    raw["trainer"]["max_steps"] = 1
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "kltrain", "fit", str(config), "--num-processes", "2"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "kltrain: world_size 2 (MULTI_" in done.stdout  # MULTI_CPU (gloo) or MULTI_GPU
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["world_size"] == 2
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
