@@ -359,12 +359,11 @@ def _markdown(runs: Sequence[Run], table: str, images: dict[str, str], left: lis
         "eval.json.",
         ("Runs without eval.json: " + ", ".join(missing)) if missing else "",
         ("Not finished, left out: " + ", ".join(left)) if left else "",
-        "",
         table,
         "",
         *[f"![{title}]({name})\n" for name, title in images.items()],
     ]
-    return "\n".join(parts)
+    return "\n\n".join(p for p in parts if p)
 
 
 def _html(
