@@ -17,9 +17,13 @@ from kltrain.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-#: kltrain run configs (configs/accelerate/ holds Accelerate launcher configs, tested in
-#: tests/test_world_size.py)
-SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+#: kltrain run configs: configs/accelerate/ holds Accelerate launcher configs (tested in
+#: tests/test_world_size.py) and configs/sweep_*.yaml are sweeps (tests/test_sweep.py)
+SHIPPED = sorted(
+    p
+    for p in (ROOT / "configs").rglob("*.yaml")
+    if "accelerate" not in p.parts and not p.name.startswith("sweep_")
+)
 
 
 def test_configs_folder_is_not_empty():

@@ -62,6 +62,9 @@ def sweep_dir(tmp_path):
         members.append(
             {"name": name, "folder": folder, "overrides": overrides, "state": "finished"}
         )
+    make_run(tmp_path / "sweep" / "part", "js", 0)  # a part-trained member: left out
+    part = {"name": "part", "folder": str(tmp_path / "sweep" / "part"), "state": "running"}
+    members.append({**part, "overrides": {"kl.divergence": "tv", "seed": 0}})
     (tmp_path / "sweep" / "sweep.json").write_text(json.dumps({"members": members}))
     return tmp_path / "sweep"
 
@@ -115,6 +118,7 @@ def test_compare_writes_pictures_with_content_and_a_parsable_html(sweep_dir, tmp
         assert (np.abs(reward_plot - rgb).max(axis=-1) < 0.02).sum() > 50
     md = (out / "report.md").read_text()
     assert "![" in md and "frontier.png" in md and "divergence=js (2)" in md
+    assert "Not finished, left out: part (running)" in md and "divergence=tv" not in md
 
     class Images(HTMLParser):
         def __init__(self):
@@ -151,4 +155,4 @@ def test_loose_run_folders_are_grouped_by_the_keys_that_differ(tmp_path):
 def test_compare_without_runs_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["compare", str(tmp_path / "empty")]) == 2
-    assert "no metrics.jsonl" in capsys.readouterr().err
+    assert "not a run folder (no metrics.jsonl)" in capsys.readouterr().err

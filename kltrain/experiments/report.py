@@ -99,18 +99,27 @@ class Run:
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
-    """One sweep folder (its members that have metrics) or several run folders."""
+    """One sweep folder (its finished members: a running or stopped one is part-trained) or
+    several run folders."""
     paths = [Path(p) for p in paths]
     if len(paths) == 1 and (paths[0] / "sweep.json").is_file():
         state = json.loads((paths[0] / "sweep.json").read_text())
-        found = [(Path(m["folder"]), m["name"], m["overrides"]) for m in state["members"]]
-        runs = [_load_run(f, n, o) for f, n, o in found if (f / "metrics.jsonl").is_file()]
+        done = [m for m in state["members"] if m.get("state") == "finished"]
+        runs = [_load_run(Path(m["folder"]), m["name"], m["overrides"]) for m in done]
     else:
         runs = [_load_run(p, p.name, {}) for p in paths]
         _set_differing_overrides(runs)
     if not runs:
-        raise ConfigError(f"no run with a metrics.jsonl in {', '.join(map(str, paths))}")
+        raise ConfigError(f"no finished run in {', '.join(map(str, paths))}")
     return runs
+
+
+def unfinished_members(path: Path) -> list[str]:
+    """``name (state)`` of a sweep's members left out of its report."""
+    if not (path / "sweep.json").is_file():
+        return []
+    state = json.loads((path / "sweep.json").read_text())
+    return [f"{m['name']} ({m['state']})" for m in state["members"] if m["state"] != "finished"]
 
 
 def _load_run(folder: Path, name: str, overrides: dict[str, Any]) -> Run:
@@ -336,24 +345,25 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None) -> Path:
         images["frontier.png"] = "Held-out reward against held-out reverse KL"
     table = markdown_table(rows)
     (out / "summary.json").write_text(json.dumps(rows, indent=1, allow_nan=True))
-    (out / "report.md").write_text(_markdown(runs, table, images))
+    left = unfinished_members(Path(paths[0])) if len(paths) == 1 else []
+    (out / "report.md").write_text(_markdown(runs, table, images, left))
     (out / "report.html").write_text(_html(runs, rows, images, out))
     return out
 
 
-def _markdown(runs: Sequence[Run], table: str, images: dict[str, str]) -> str:
+def _markdown(runs: Sequence[Run], table: str, images: dict[str, str], left: list[str]) -> str:
     missing = [r.name for r in runs if not r.eval]
     parts = [
         "# Comparison\n",
         f"{len(runs)} runs; mean ± sample std over seeds; held-out columns from each run's "
         "eval.json.",
         ("Runs without eval.json: " + ", ".join(missing)) if missing else "",
-        "",
+        ("Not finished, left out: " + ", ".join(left)) if left else "",
         table,
         "",
         *[f"![{title}]({name})\n" for name, title in images.items()],
     ]
-    return "\n".join(parts)
+    return "\n\n".join(p for p in parts if p)
 
 
 def _html(
