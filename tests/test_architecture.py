@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
         "kltrain.objective",
     ),
     ("kltrain.rollout",),
-    ("kltrain.algorithms",),
+    ("kltrain.algorithms", "kltrain.evaluation"),  # evaluation: held-out metrics of a policy
     ("kltrain.training",),
     ("kltrain.experiments",),
     ("kltrain.cli", "kltrain.__main__", "kltrain.preflight"),  # preflight: what validate checks

@@ -1,6 +1,7 @@
-"""Held-out evaluation (kltrain/experiments/evaluate.py): diversity worked by hand, divergences
-against an independent float64 computation on a tiny model, determinism, the held-out split
-training never samples, ``trainer.eval_every`` and ``kltrain eval`` on a run folder."""
+"""Held-out evaluation (kltrain/evaluation.py, behind kltrain eval and trainer.eval_every):
+diversity worked by hand, divergences against an independent float64 computation on a tiny
+model, determinism, the held-out split training never samples, ``trainer.eval_every`` and
+``kltrain eval`` on a run folder."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import math
 import pytest
 import torch
 
+from kltrain import evaluation as ev
 from kltrain.config import ConfigError, DataConfig, config_from_dict
 from kltrain.data import heldout_indices, load_prompts, split_heldout
-from kltrain.experiments import evaluate as ev
 from kltrain.models.loading import load_models
 from kltrain.rewards import RewardFunction
 from tests.helpers.tiny import loop_config_raw, make_tiny_model_dir

@@ -40,6 +40,7 @@ from kltrain.data import (
 )
 from kltrain.divergence.functions import get_divergence
 from kltrain.divergence.lm_head import TokenChunk, fused_token_loss
+from kltrain.evaluation import evaluate_policy, training_eval_data
 from kltrain.models.loading import Models, load_models, refuse_fp16_on_cpu
 from kltrain.models.logits import lm_head_params
 from kltrain.models.sampling import sample_seed
@@ -300,8 +301,6 @@ class Trainer:
         them, on the main process; the training RNG, reward statistics and algorithm state are
         left as they were. f-DPG figures only with one process and an on-policy proposal (their
         estimates reduce across processes; an offline proposal could be replaced)."""
-        from kltrain.experiments.evaluate import evaluate_policy, training_eval_data
-
         metrics: dict[str, float] = {}
         if self.accelerator.is_main_process:
             fd = self.cfg.algorithm.fdpg
