@@ -19,9 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kltrain.divergence.estimators import EstimatorName, Placement
 from kltrain.divergence.functions import get_divergence
 
-DivergenceName = (
-    str  # validated against kltrain.divergence.functions at load time (built-in or "module:f")
-)
+# One list of valid names per concept: the modules that implement them take their names from
+# these Literals, and tests/test_config.py checks that the registries agree.
+DTypeName = Literal["fp32", "bf16", "fp16"]
+ChatTemplateMode = Literal["auto", "on", "off"]
+AlgorithmName = Literal["rloo", "grpo", "ppo", "fdpg"]
+#: Validated against kltrain.divergence.functions at load time (a built-in or "module:f").
+DivergenceName = str
 
 
 class ConfigError(ValueError):
@@ -44,8 +48,8 @@ class ModelConfig(Section):
     """Short name of an embedded model, a Hugging Face hub id, or a local folder."""
     reference: str | None = None
     """Defaults to the policy's starting weights. Must share the policy's tokenizer."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    reference_dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    dtype: DTypeName = "fp32"
+    reference_dtype: DTypeName | None = None
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None
@@ -61,7 +65,7 @@ class DataConfig(Section):
     """`builtin:<name>`, a local .jsonl/.json/.csv/.parquet file, or a hub dataset id."""
     split: str = "train"
     prompt_column: str = "prompt"
-    chat_template: Literal["auto", "on", "off"] = "auto"
+    chat_template: ChatTemplateMode = "auto"
     max_prompt_tokens: int = Field(128, gt=0)
     on_long_prompt: Literal["truncate", "skip", "error"] = "truncate"
     """A prompt longer than `max_prompt_tokens`: keep its end (counted per step as
@@ -231,7 +235,7 @@ class FdpgConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    name: Literal["rloo", "grpo", "ppo", "fdpg"] = "rloo"
+    name: AlgorithmName = "rloo"
     num_generations: int = Field(4, ge=1)
     """Samples per prompt (k). RLOO and GRPO need k ≥ 2."""
     epochs: int = Field(1, ge=1)

@@ -19,16 +19,16 @@ import json
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import datasets
 import numpy as np
 
-from kltrain.config import DataConfig
+from kltrain.config import ChatTemplateMode, DataConfig
 
 BUILTIN_PREFIX = "builtin:"
 LOCAL_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
-CHAT_TEMPLATE_MODES = ("auto", "on", "off")
+CHAT_TEMPLATE_MODES: tuple[str, ...] = get_args(ChatTemplateMode)
 # Keyword names the reward call itself uses; a dataset column with one of these names would
 # collide with them when columns are passed to reward callables as kwargs.
 RESERVED_COLUMNS = ("prompts", "completions")

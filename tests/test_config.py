@@ -135,3 +135,27 @@ def test_derived_sizes():
     assert prompts_per_process(cfg, 4) == 2
     with pytest.raises(ConfigError, match="multiple of 3"):
         prompts_per_process(cfg, 3)
+
+
+def test_each_concept_has_one_list_of_names():
+    """The config's Literals and the registries that implement them name the same things."""
+    from typing import get_args
+
+    from kltrain.algorithms import ALGORITHMS
+    from kltrain.config import (
+        AlgorithmName,
+        ChatTemplateMode,
+        DTypeName,
+        EstimatorName,
+        Placement,
+    )
+    from kltrain.data import CHAT_TEMPLATE_MODES
+    from kltrain.divergence.estimators import ESTIMATOR_NAMES, PLACEMENTS
+    from kltrain.models.loading import DTYPES
+    from kltrain.rewards.reward_model import RewardModel
+
+    assert set(ALGORITHMS) == set(get_args(AlgorithmName))
+    assert set(DTYPES) == set(get_args(DTypeName)) == set(RewardModel.DTYPES)
+    assert get_args(ChatTemplateMode) == CHAT_TEMPLATE_MODES
+    assert get_args(EstimatorName) == ESTIMATOR_NAMES
+    assert get_args(Placement) == PLACEMENTS

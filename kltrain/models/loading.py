@@ -23,7 +23,12 @@ from kltrain.models.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: config.DTypeName → torch dtype (tests/test_config.py checks the keys are exactly those names).
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_model(name: str) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
+from kltrain.models.loading import DTYPES
 from kltrain.rewards.errors import RewardError, check
 from kltrain.rewards.text import completion_text
 
@@ -56,11 +57,7 @@ class RewardModel:
     """
 
     PARAMS = ("label", "output", "batch_size", "max_length", "dtype")
-    DTYPES: ClassVar[dict[str, torch.dtype]] = {
-        "fp32": torch.float32,
-        "bf16": torch.bfloat16,
-        "fp16": torch.float16,
-    }
+    DTYPES = DTYPES  # the model dtype names (config.DTypeName)
 
     def __init__(
         self,
