@@ -1,0 +1,69 @@
+"""The chunk loop's in-place divergence path (``Divergence.value_and_logit_grad_``) against the
+allocating one (``value_and_logit_grad``) it replaces on CPU, for every built-in f and a user f,
+with blocks of a few rows so that the blocked loop, its last partial block and the unblocked call
+all meet.
+
+Tolerance: both compute the same formulas per row, so they differ only where torch's vectorised
+and scalar loops round exp/log differently (≤ 1 ulp each, which changes with the block's length);
+about ten such operations feed each output, so 64 ulp of the tensor's scale (2^-24 in fp32,
+2^-53 in float64) bounds the difference with room to spare, while a wrong term, sign, row or
+missing write differs at O(1) of the scale.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kltrain.divergence.functions as functions
+from kltrain.divergence.functions import DIVERGENCE_NAMES, get_divergence
+
+ULPS = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+
+
+def user_kl(u):
+    return torch.special.xlogy(u, u)
+
+
+def divergences():
+    out = [
+        get_divergence(n, alpha=0.5) if n == "alpha" else get_divergence(n)
+        for n in DIVERGENCE_NAMES
+    ]
+    out.append(get_divergence("alpha", alpha=1.5))
+    out.append(get_divergence(f"{__name__}:user_kl"))
+    return out
+
+
+def log_probs(dtype, rows=11, vocab=37, seed=0):
+    """Policy and reference log-probs [rows, vocab]: close rows, far-apart rows (|ρ| up to ~40,
+    probabilities that underflow in fp32) and one identical pair (D = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3
+    zq = z + torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 0.2
+    zq[3:6] = torch.randn(3, vocab, generator=g, dtype=torch.float64) * 15
+    zq[7] = z[7]
+    return torch.log_softmax(z, -1).to(dtype), torch.log_softmax(zq, -1).to(dtype)
+
+
+def assert_close_at_scale(got, want, dtype):
+    tol = 64 * ULPS[dtype] * want.abs().max().item()
+    assert torch.isfinite(got).all() and torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, rtol=64 * ULPS[dtype], atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block_rows", [1, 3, 64])
+@pytest.mark.parametrize("div", divergences(), ids=lambda d: d.name)
+def test_in_place_path_matches_allocating_path(monkeypatch, div, block_rows, dtype):
+    logp, logq = log_probs(dtype)
+    monkeypatch.setattr(functions, "_BLOCK_ELEMENTS", block_rows * logp.shape[-1])
+    want_d, want_grad = div.value_and_logit_grad(logp, logq, logp.exp())
+    lp, lq, scratch = logp.clone(), logq.clone(), torch.full_like(logp, float("nan"))
+    d, grad, p = div.value_and_logit_grad_(lp, lq, scratch)
+    assert d.shape == want_d.shape and grad.shape == want_grad.shape
+    assert grad.data_ptr() != p.data_ptr()  # the chunk loop combines the two
+    assert_close_at_scale(d, want_d, dtype)
+    assert_close_at_scale(grad, want_grad, dtype)
+    assert_close_at_scale(p, logp.exp(), dtype)
+    assert d[7].abs().item() <= 64 * ULPS[dtype]  # identical rows: D = 0
