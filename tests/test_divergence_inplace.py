@@ -1,13 +1,13 @@
-"""The chunk loop's in-place divergence path (``Divergence.value_and_logit_grad_``) against the
-allocating one (``value_and_logit_grad``) it replaces on CPU, for every built-in f and a user f,
-with blocks of a few rows so that the blocked loop, its last partial block and the unblocked call
-all meet.
+"""The chunk loop's in-place divergence path (``value_and_logit_grad_``: row blocks, and each
+built-in's own fused formulas for D and ∂D/∂z) against the generic allocating form built from
+``token_terms`` and ``weighted_score`` (the plain formulas the old path used), for every built-in
+f and a user f, with blocks of a few rows so that the blocked loop, its last partial block and
+the unblocked call all meet.
 
-Tolerance: both compute the same formulas per row, so they differ only where torch's vectorised
-and scalar loops round exp/log differently (≤ 1 ulp each, which changes with the block's length);
-about ten such operations feed each output, so 64 ulp of the tensor's scale (2^-24 in fp32,
-2^-53 in float64) bounds the difference with room to spare, while a wrong term, sign, row or
-missing write differs at O(1) of the scale.
+Tolerance: the fused formulas are rearrangements of the plain ones (shared exponentials, no
+cancellation added), so the two differ by rounding: about ten roundings of ≤ 1 ulp feed each
+output, and 64 ulp of the tensor's scale (2^-24 in fp32, 2^-53 in float64) bounds that with room
+to spare, while a wrong term, sign, row or missing write differs at O(1) of the scale.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import kltrain.divergence.functions as functions
-from kltrain.divergence.functions import DIVERGENCE_NAMES, get_divergence
+from kltrain.divergence.functions import DIVERGENCE_NAMES, Divergence, get_divergence
 
 ULPS = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
@@ -58,7 +58,9 @@ def assert_close_at_scale(got, want, dtype):
 def test_in_place_path_matches_allocating_path(monkeypatch, div, block_rows, dtype):
     logp, logq = log_probs(dtype)
     monkeypatch.setattr(functions, "_BLOCK_ELEMENTS", block_rows * logp.shape[-1])
-    want_d, want_grad = div.value_and_logit_grad(logp, logq, logp.exp())
+    # The generic form from token_terms and weighted_score (the plain formulas), not the
+    # divergence's own fused value_and_logit_grad, which the in-place path runs per block.
+    want_d, want_grad = Divergence.value_and_logit_grad(div, logp, logq, logp.exp())
     lp, lq, scratch = logp.clone(), logq.clone(), torch.full_like(logp, float("nan"))
     d, grad, p = div.value_and_logit_grad_(lp, lq, scratch)
     assert d.shape == want_d.shape and grad.shape == want_grad.shape
