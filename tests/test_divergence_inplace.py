@@ -17,6 +17,7 @@ import torch
 
 import kltrain.divergence.functions as functions
 from kltrain.divergence.functions import DIVERGENCE_NAMES, Divergence, get_divergence
+from kltrain.divergence.lm_head import token_stats
 
 ULPS = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
@@ -57,7 +58,7 @@ def assert_close_at_scale(got, want, dtype):
 @pytest.mark.parametrize("div", divergences(), ids=lambda d: d.name)
 def test_in_place_path_matches_allocating_path(monkeypatch, div, block_rows, dtype):
     logp, logq = log_probs(dtype)
-    monkeypatch.setattr(functions, "_BLOCK_ELEMENTS", block_rows * logp.shape[-1])
+    monkeypatch.setattr(functions, "BLOCK_ELEMENTS", block_rows * logp.shape[-1])
     # The generic form from token_terms and weighted_score (the plain formulas), not the
     # divergence's own fused value_and_logit_grad, which the in-place path runs per block.
     want_d, want_grad = Divergence.value_and_logit_grad(div, logp, logq, logp.exp())
@@ -69,3 +70,24 @@ def test_in_place_path_matches_allocating_path(monkeypatch, div, block_rows, dty
     assert_close_at_scale(grad, want_grad, dtype)
     assert_close_at_scale(p, logp.exp(), dtype)
     assert d[7].abs().item() <= 64 * ULPS[dtype]  # identical rows: D = 0
+
+
+def test_token_stats_rows_capped_by_block_size(monkeypatch):
+    """token_stats caps its chunk at BLOCK_ELEMENTS / V rows; a cap of 2 rows (many partial
+    chunks) gives the uncapped statistics (same per-row formulas; 64-ulp tolerance as above)."""
+    g = torch.Generator().manual_seed(3)
+    n, h, v = 9, 8, 37
+    hid, rhid = torch.randn(n, h, generator=g), torch.randn(n, h, generator=g)
+    w, rw = torch.randn(v, h, generator=g), torch.randn(v, h, generator=g)
+    tok = torch.randint(0, v, (n,), generator=g)
+    divs = [get_divergence("reverse_kl"), get_divergence("js"), get_divergence("chi2")]
+
+    def stats():
+        return token_stats(hid, w, tok, ref_hidden=rhid, ref_weight=rw, divergences=divs)
+
+    want = stats()
+    monkeypatch.setattr(functions, "BLOCK_ELEMENTS", 2 * v)
+    got = stats()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert_close_at_scale(got[key], want[key], torch.float32)

@@ -38,7 +38,7 @@ _LOG2 = math.log(2.0)
 #: mmap threshold (32 MiB), so the formulas' temporaries are reused from the heap instead of fresh,
 #: page-faulted mappings, yet few enough blocks that the per-op OpenMP start-up stays small
 #: (measured on 2 CPU cores: 1 MiB blocks were slower than 16 MiB ones when the cores are shared).
-_BLOCK_ELEMENTS = 1 << 22
+BLOCK_ELEMENTS = 1 << 22
 
 
 class Divergence:
@@ -160,7 +160,7 @@ class Divergence:
         the arithmetic).
 
         The generic version runs :meth:`value_and_logit_grad` on blocks of rows small enough
-        (``_BLOCK_ELEMENTS``) that its temporaries come from the allocator's free lists; it
+        (``BLOCK_ELEMENTS``) that its temporaries come from the allocator's free lists; it
         writes ∂D/∂z into ``scratch`` and π over ``logp``. Rows are independent and the formulas
         the same, so the values are the unblocked call's (up to the last-ulp
         differences between torch's vectorised and scalar loops for exp and log).
@@ -168,7 +168,7 @@ class Divergence:
         vocab = logp.shape[-1]
         lp, lq, grad = (t.view(-1, vocab) for t in (logp, logq, scratch))
         d = torch.empty(lp.shape[0], dtype=logp.dtype, device=logp.device)
-        step = max(1, _BLOCK_ELEMENTS // vocab)
+        step = max(1, BLOCK_ELEMENTS // vocab)
         for start in range(0, lp.shape[0], step):
             rows = slice(start, start + step)
             p = lp[rows].exp()
