@@ -242,6 +242,8 @@ class Trainer:
         ]
         gen = cfg.generation
         sampler = self.algorithm.sampling_model(self.models)
+        # The policy's hidden states recorded while it samples: measure() then skips its forward.
+        sampled_hidden: list[Tensor] | None = [] if sampler is self.models.policy else None
         input_ids, attention_mask, completion_mask, prompt_len = generate(
             self.models,
             texts,
@@ -253,6 +255,7 @@ class Trainer:
             top_p=gen.top_p,
             batch_size=cfg.trainer.generation_batch_size or len(texts),
             model=sampler,
+            hidden_out=sampled_hidden,
         )
         if clock:
             clock.lap("time/generate_seconds")
@@ -280,6 +283,7 @@ class Trainer:
             keep_ref_hidden=self._regularised_in_loss() and self.regulariser.exact,
             keep_policy_hidden=self.algorithm.needs_policy_hidden,
             proposal=None if sampler is self.models.policy else sampler,
+            sampled_hidden=sampled_hidden[0] if sampled_hidden else None,
         )
         if clock:
             clock.lap("time/measure_seconds")
