@@ -11,7 +11,8 @@ memory beyond the inputs, for
   timed alone on the same device/dtype/shapes in the same run; 4·2·N·H·V FLOPs.
 
 One JSON object per (divergence, N, V) per line; ``--divergence all`` runs every built-in f
-(``alpha`` at ``--alpha``), sharing one matmul-limit measurement per (N, V), and flags each
+(``alpha`` at ``--alpha``), each timed next to its own matmul-limit measurement (on a shared
+machine the GEMM rate drifts between minutes; measured: 145 vs 278 GFLOP/s), and flags each
 chunked time above ``BAR`` × the limit (the target for every built-in f in fp32 on CPU).
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated minus the allocation after the inputs
@@ -251,10 +252,9 @@ def main(argv=None):
     names = args.divergence
     for v in args.vocab:
         for n in args.tokens:
-            mm = None
             for name in names:
                 args.divergence = name
-                row, mm = bench_one(n, v, args, mm)
+                row, _ = bench_one(n, v, args)
                 print(json.dumps(row), flush=True)
 
 
