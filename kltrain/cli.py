@@ -15,6 +15,12 @@ import os
 import sys
 from pathlib import Path
 
+# OpenMP reads its wait policy once, when torch loads it, so this must come before any import of
+# torch (kltrain.config imports it). PASSIVE: idle threads sleep instead of spinning, which suits
+# a step that alternates generation (small GEMMs, one token at a time) with training, and leaves
+# the cores to tokenisation and rewards in between. A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from kltrain import __version__
 from kltrain.config import ConfigError, load_config, to_yaml
 

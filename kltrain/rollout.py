@@ -14,6 +14,7 @@ forward) and the exact per-token divergences that every run logs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,7 @@ from transformers import LogitsProcessorList
 from kltrain.divergence.functions import Divergence
 from kltrain.divergence.lm_head import token_stats
 from kltrain.models.loading import Models
-from kltrain.models.logits import final_hidden_states, lm_head_params
+from kltrain.models.logits import final_hidden_states, last_position_hidden, lm_head_params
 from kltrain.models.sampling import PerSampleGumbel
 
 
@@ -87,6 +88,7 @@ def generate(
     batch_size: int,
     model: torch.nn.Module | None = None,
     seeds: Sequence[int] | None = None,
+    hidden_out: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Sample one completion per prompt text, from ``model`` (default: the policy).
 
@@ -95,7 +97,10 @@ def generate(
     process or the generation batch it lands in; None samples from the global torch RNG.
 
     Returns ``(input_ids [B, P+T], attention_mask [B, P+T], completion_mask [B, T], P)`` with a
-    common P (left padding) and T (right padding) across generation micro-batches.
+    common P (left padding) and T (right padding) across generation micro-batches. With a list
+    ``hidden_out``, also appends the sampling model's final hidden states at the positions that
+    predict each completion token, ``[B, T, H]`` (zero past each row's end), recorded during
+    decoding so that :func:`measure` need not run that model over the rollout again.
     """
     tok = models.tokenizer
     policy = models.policy if model is None else model
@@ -113,7 +118,7 @@ def generate(
     eos_ids = _eos_ids(models)
     was_training = policy.training
     policy.eval()
-    outputs = []
+    outputs, hiddens = [], []
     for start in range(0, len(prompt_texts), batch_size):
         sl = slice(start, start + batch_size)
         sampling = sampling_kwargs(
@@ -127,14 +132,18 @@ def generate(
             gumbel = PerSampleGumbel(list(seeds[sl]), temperature, top_k, top_p, device)
             sampling |= {"do_sample": False, "logits_processor": LogitsProcessorList([gumbel])}
             sampling |= {"temperature": None, "top_k": None, "top_p": None}
-        out = policy.generate(
-            input_ids=prompt_ids[sl],
-            attention_mask=prompt_mask[sl],
-            **sampling,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=eos_ids,
-        )
+        recording = last_position_hidden(policy) if hidden_out is not None else nullcontext([])
+        with recording as steps:
+            out = policy.generate(
+                input_ids=prompt_ids[sl],
+                attention_mask=prompt_mask[sl],
+                **sampling,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=eos_ids,
+            )
         outputs.append(out[:, prompt_ids.shape[1] :])
+        if hidden_out is not None:
+            hiddens.append(_stack_steps(steps, outputs[-1].shape[1]))
     policy.train(was_training)
     pad = tok.pad_token_id
     width = max(o.shape[1] for o in outputs)
@@ -145,6 +154,9 @@ def generate(
     completion_ids = completion_ids.masked_fill(~completion_mask, pad)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
+    if hidden_out is not None:
+        padded = [torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[1])) for h in hiddens]
+        hidden_out.append(torch.cat(padded) * completion_mask.unsqueeze(-1))
     return input_ids, attention_mask, completion_mask, prompt_ids.shape[1]
 
 
@@ -188,6 +200,16 @@ def sampling_kwargs(
     }
 
 
+def _stack_steps(steps: list[Tensor], new_tokens: int) -> Tensor:
+    """One decoder forward per sampled token: [b, 1, H] × T → [b, T, H]."""
+    if len(steps) != new_tokens:
+        raise RuntimeError(
+            f"generate ran {len(steps)} decoder forwards for {new_tokens} new tokens; the "
+            "recorded hidden states cannot be matched to the tokens (pass no hidden_out)"
+        )
+    return torch.cat(steps, dim=1)
+
+
 def _eos_ids(models: Models) -> list[int]:
     eos = models.policy.generation_config.eos_token_id
     if eos is None:
@@ -219,12 +241,17 @@ def measure(
     keep_policy_hidden: bool = False,
     proposal: torch.nn.Module | None = None,
     temperature: float = 1.0,
+    sampled_hidden: Tensor | None = None,
 ) -> None:
     """Fill ``rollout.stats`` (and ``ref_hidden`` / ``policy_hidden`` if asked, zero on
     padding) in micro-batches of sequences; with a ``proposal`` model other than the policy (the
     one that generated the rollout), also its per-token "proposal_logprobs". Every statistic is
     of the tempered models (logits/``temperature``, :func:`tempered`); the kept hidden states
-    are not scaled."""
+    are not scaled.
+
+    ``sampled_hidden`` ``[B, T, H]``: the policy's final hidden states recorded while it
+    generated the rollout (``generate(hidden_out=...)``); given, the policy's forward pass here
+    is skipped."""
     policy_w, policy_b = lm_head_params(models.policy)
     with models.reference_context():
         ref_w, ref_b = lm_head_params(models.reference_model)
@@ -236,7 +263,10 @@ def measure(
         sl = slice(start, start + micro_batch_size)
         ids, att = rollout.input_ids[sl], rollout.attention_mask[sl]
         mask = rollout.completion_mask[sl]
-        h = completion_hidden(models.policy, ids, att, rollout.prompt_length)
+        if sampled_hidden is None:
+            h = completion_hidden(models.policy, ids, att, rollout.prompt_length)
+        else:
+            h = sampled_hidden[sl]
         with models.reference_context():
             h_ref = completion_hidden(models.reference_model, ids, att, rollout.prompt_length)
         flat = token_stats(

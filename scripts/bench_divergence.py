@@ -10,13 +10,19 @@ memory beyond the inputs, for
 - matmul limit: the four lm_head GEMMs the chunked path does (policy fwd, ref fwd, G @ W, Gᵀ h),
   timed alone on the same device/dtype/shapes in the same run; 4·2·N·H·V FLOPs.
 
-One JSON object per (N, V) per line. Peak memory: on CUDA, torch.cuda.max_memory_allocated minus
-the allocation after the inputs exist; on CPU each case runs in a fresh subprocess and reports
+One JSON object per (divergence, N, V) per line; ``--divergence all`` runs every built-in f
+(``alpha`` at ``--alpha``), each timed next to its own matmul-limit measurement (on a shared
+machine the GEMM rate drifts between minutes; measured: 145 vs 278 GFLOP/s), and flags each
+chunked time above ``BAR`` × the limit (the target for every built-in f in fp32 on CPU).
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated minus the allocation after the inputs
+exist; on CPU each case runs in a fresh subprocess and reports
 peak RSS (getrusage ru_maxrss) minus the RSS after the inputs exist and a small warm-up run (RSS
 sees torch's CPU allocations, which tracemalloc does not). The plain path is skipped (with a
 note) where its estimated [N, V] buffers would not fit.
 
     python scripts/bench_divergence.py --quick
+    python scripts/bench_divergence.py --divergence all --no-plain --tokens 1024 --vocab 49152
     python scripts/bench_divergence.py --device cuda --dtype bfloat16
     python scripts/bench_divergence.py --device cuda --dtype bfloat16 --no-fused  # torch ops
 """
@@ -33,13 +39,20 @@ import time
 
 import torch
 
-from kltrain.divergence.functions import token_divergence
+from kltrain.divergence.functions import DIVERGENCE_NAMES, get_divergence, token_divergence
 from kltrain.divergence.lm_head import fused_token_loss
 
 # fp32 [N, V] buffers the plain path keeps alive at its peak (both logits, both log-softmaxes,
 # terms, and their gradients), measured on CPU at N=1024, V=49152; used to skip cases that
 # would not fit.
 PLAIN_BUFFERS = 10
+#: The chunked path's target: at most this many times the time of its four lm_head GEMMs alone.
+BAR = 1.25
+
+
+def make_divergence(name, alpha):
+    """A divergence by name; ``alpha`` needs its parameter."""
+    return get_divergence(name, alpha=alpha) if name == "alpha" else get_divergence(name)
 
 
 def make_inputs(n, v, h, dtype, device, seed=0):
@@ -105,8 +118,9 @@ def measure(path, n, v, args):
     dtype, device = getattr(torch, args.dtype), args.device
     x = make_inputs(n, v, args.hidden, dtype, device)
     fn = RUNNERS[path]
+    divergence = make_divergence(args.divergence, args.alpha)
     small = make_inputs(64, 256, args.hidden, dtype, device, seed=1)
-    fn(small, args.divergence, args.chunk_size)  # warm torch (thread pools, kernels) first
+    fn(small, divergence, args.chunk_size)  # warm torch (thread pools, kernels) first
     del small
     sync(device)
     if device.startswith("cuda"):
@@ -115,7 +129,7 @@ def measure(path, n, v, args):
         torch.cuda.reset_peak_memory_stats()
     else:
         base = rss_bytes()
-    fn(x, args.divergence, args.chunk_size)  # first run: peak memory (and warm-up)
+    fn(x, divergence, args.chunk_size)  # first run: peak memory (and warm-up)
     sync(device)
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() - base
@@ -127,7 +141,7 @@ def measure(path, n, v, args):
             x[t].grad = None
         sync(device)
         t0 = time.perf_counter()
-        fn(x, args.divergence, args.chunk_size)
+        fn(x, divergence, args.chunk_size)
         sync(device)
         times.append(time.perf_counter() - t0)
     return {"time_s": min(times), "peak_bytes": int(peak)}
@@ -140,7 +154,7 @@ def measure_isolated(path, n, v, args):
     cmd = [sys.executable, __file__, "--_case", path, "--_n", str(n), "--_v", str(v)]
     cmd += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("device", "dtype", "hidden")]
     cmd += [f"--chunk-size={args.chunk_size}", f"--repeats={args.repeats}"]
-    cmd += [f"--divergence={args.divergence}"]
+    cmd += [f"--divergence={args.divergence}", f"--alpha={args.alpha}"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -153,28 +167,34 @@ def available_bytes(device):
     return psutil.virtual_memory().available
 
 
-def bench_one(n, v, args):
+def bench_one(n, v, args, mm=None):
+    """One (divergence, N, V) row; ``mm`` reuses a matmul-limit measurement for this (N, V)."""
     row = {
         "device": args.device_name, "dtype": args.dtype, "tokens": n, "vocab": v,
         "hidden": args.hidden, "chunk_size": args.chunk_size, "divergence": args.divergence,
         "mem_method": args.mem_method,
         "fused_cuda": args.device.startswith("cuda") and not args.no_fused,
     }  # fmt: skip
+    if args.divergence == "alpha":
+        row["alpha"] = args.alpha
     plain_need = PLAIN_BUFFERS * 4 * n * v
-    if plain_need > 0.6 * available_bytes(args.device):
+    if args.no_plain:
+        row["plain"] = "skipped: --no-plain"
+    elif plain_need > 0.6 * available_bytes(args.device):
         row["plain"] = f"skipped: needs ~{plain_need / 2**30:.1f} GiB of [N, V] buffers"
     else:
         row["plain"] = measure_isolated("plain", n, v, args)
     row["chunked"] = measure_isolated("chunked", n, v, args)
-    mm = measure_isolated("matmuls", n, v, args)
+    mm = mm or measure_isolated("matmuls", n, v, args)
     flops = 4 * 2 * n * args.hidden * v
     row["matmul_limit_s"] = mm["time_s"]
     row["gemm_tflops"] = flops / mm["time_s"] / 1e12
     row["chunked_over_matmul_limit"] = row["chunked"]["time_s"] / mm["time_s"]
+    row["within_bar"] = row["chunked_over_matmul_limit"] <= BAR
     if isinstance(row["plain"], dict):
         row["chunked_over_plain_time"] = row["chunked"]["time_s"] / row["plain"]["time_s"]
         row["chunked_over_plain_mem"] = row["chunked"]["peak_bytes"] / row["plain"]["peak_bytes"]
-    return row
+    return row, mm
 
 
 def parse(argv=None):
@@ -186,7 +206,14 @@ def parse(argv=None):
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--vocab", type=int, nargs="+", default=[49152, 151936])
-    p.add_argument("--divergence", default="reverse_kl")
+    p.add_argument(
+        "--divergence",
+        nargs="+",
+        default=["reverse_kl"],
+        help=f"one or more of {', '.join(DIVERGENCE_NAMES)}, or 'all'",
+    )
+    p.add_argument("--alpha", type=float, default=0.5, help="α of the alpha divergence")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain (full-logits) path")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument(
         "--no-fused",
@@ -197,6 +224,11 @@ def parse(argv=None):
     for hidden in ("--_case", "--_n", "--_v"):  # internal: one case in a fresh subprocess
         p.add_argument(hidden, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    names = list(DIVERGENCE_NAMES) if "all" in args.divergence else args.divergence
+    for name in names:
+        if name not in DIVERGENCE_NAMES:
+            p.error(f"--divergence {name!r}: valid names are {', '.join(DIVERGENCE_NAMES)}, 'all'")
+    args.divergence = names
     if args.quick:
         args.tokens, args.vocab, args.repeats = [1024], [49152], 1
     return args
@@ -207,6 +239,7 @@ def main(argv=None):
     if args.no_fused:
         os.environ["KLTRAIN_FUSED_CUDA"] = "0"  # inherited by the per-case subprocesses
     if args._case:
+        args.divergence = args.divergence[0]
         print(json.dumps(measure(args._case, int(args._n), int(args._v), args)))
         return
     cuda = args.device.startswith("cuda")
@@ -216,9 +249,13 @@ def main(argv=None):
         if cuda
         else "peak RSS (ru_maxrss) minus RSS after inputs, fresh subprocess per case"
     )
+    names = args.divergence
     for v in args.vocab:
         for n in args.tokens:
-            print(json.dumps(bench_one(n, v, args)), flush=True)
+            for name in names:
+                args.divergence = name
+                row, _ = bench_one(n, v, args)
+                print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -126,3 +126,51 @@ def test_divergences_prints_the_gradient_table_with_the_ratio(capsys):
     assert "off: off_policy" in off and "detached*: local forward_kl" in off
     assert main(["divergences", "--divergence", "nope"]) == 2
     assert "--divergence" in capsys.readouterr().err
+
+
+# OMP_WAIT_POLICY: set by the CLI before torch (and its OpenMP runtime) is loaded ------------
+_RECORD_OMP_AT_TORCH_IMPORT = """
+import importlib.abc, json, os, sys
+
+seen = {}
+
+class Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "policy" not in seen:
+            seen["policy"] = os.environ.get("OMP_WAIT_POLICY")
+        return None
+
+sys.meta_path.insert(0, Spy())
+from kltrain.cli import main
+code = main(["divergences"])
+print(json.dumps({"code": code, "at_torch_import": seen.get("policy", "torch never imported"),
+                  "after": os.environ.get("OMP_WAIT_POLICY")}))
+"""
+
+
+def _omp_policy_seen_by_torch(policy: str | None) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if policy is not None:
+        env["OMP_WAIT_POLICY"] = policy
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", _RECORD_OMP_AT_TORCH_IMPORT],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_cli_sets_passive_omp_wait_policy_before_torch_loads():
+    seen = _omp_policy_seen_by_torch(None)
+    assert seen == {"code": 0, "at_torch_import": "PASSIVE", "after": "PASSIVE"}
+
+
+def test_cli_keeps_the_users_omp_wait_policy():
+    seen = _omp_policy_seen_by_torch("ACTIVE")
+    assert seen == {"code": 0, "at_torch_import": "ACTIVE", "after": "ACTIVE"}

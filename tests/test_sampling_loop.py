@@ -73,7 +73,9 @@ def test_step_one_with_dropout_model_is_on_policy(dropout_model, tmp_path):
             trainer={"max_steps": 1},
         )
     ).train_step()
-    assert kept.metrics["divergence/reverse_kl"] > 1e-3
+    # The logged divergences come from the sampling pass (eval mode: no dropout) since the
+    # policy's hidden states are recorded while it generates; the training forward keeps
+    # dropout, so the update sees a ratio ≠ 1 at step 1 although nothing has changed yet.
     assert kept.metrics["train/importance_ratio_max"] > 1.01
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kltrain.divergence import functions
 from kltrain.divergence.functions import Divergence, as_divergence
 from kltrain.divergence.kernels import cuda as chunked_cuda
 
@@ -308,6 +309,9 @@ def token_stats(
     ref = _ref_head(ref_hidden, ref_weight, ref_bias, policy_hidden, bool(divs))
     head = _Head(policy_hidden, policy_weight, policy_bias)
     n = policy_hidden.shape[0]
+    # Rows per chunk capped so that each [rows, V] temporary of the (allocating) statistics below
+    # stays under glibc's mmap threshold and is reused from the heap, not page-faulted afresh.
+    chunk_size = min(chunk_size, max(1, functions.BLOCK_ELEMENTS // policy_weight.shape[0]))
     keys = ["logprobs", "entropy"] + (["ref_logprobs"] if ref else []) + [d.name for d in divs]
     out = {k: torch.empty(n, dtype=head._acc, device=policy_hidden.device) for k in keys}
     for start in range(0, n, chunk_size):

@@ -4,6 +4,9 @@ materialising ``[B, T, V]`` logits."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel
@@ -38,6 +41,26 @@ def final_hidden_states(
         use_cache=False,
     )
     return out.last_hidden_state
+
+
+@contextmanager
+def last_position_hidden(model: torch.nn.Module) -> Iterator[list[Tensor]]:
+    """Record, for every decoder forward inside the block, the final hidden state of its last
+    position ([B, 1, H], after the final norm): under ``generate`` with a KV cache, forward k
+    is the one whose logits sample token k, so their concatenation is the completion's
+    :func:`final_hidden_states` (up to fp32 rounding: the cache computes the same sums in
+    other blocks) without a second pass over prompt and completion."""
+    captured: list[Tensor] = []
+
+    def hook(module, args, output):
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        captured.append(hidden[:, -1:].detach())
+
+    handle = _unwrap(model).get_decoder().register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 _LOGIT_POSTPROCESSING = {

@@ -166,6 +166,7 @@ class Trainer:
             lr=cfg.trainer.learning_rate,
             betas=cfg.trainer.adam_betas,
             weight_decay=cfg.trainer.weight_decay,
+            fused=_fused_adamw(groups),
         )
         self.scheduler = get_scheduler(
             cfg.trainer.lr_schedule,
@@ -338,6 +339,8 @@ class Trainer:
         )
         gen = cfg.generation
         sampler = self.algorithm.sampling_model(self.models)
+        # The policy's hidden states recorded while it samples: measure() then skips its forward.
+        sampled_hidden: list[Tensor] | None = [] if sampler is self.models.policy else None
         input_ids, attention_mask, completion_mask, prompt_len = generate(
             self.models,
             texts,
@@ -350,6 +353,7 @@ class Trainer:
             batch_size=cfg.trainer.generation_batch_size or len(texts),
             model=sampler,
             seeds=self._sample_seeds(len(texts)),
+            hidden_out=sampled_hidden,
         )
         if clock:
             clock.lap("time/generate_seconds")
@@ -378,6 +382,7 @@ class Trainer:
             keep_policy_hidden=self.algorithm.needs_policy_hidden,
             proposal=None if sampler is self.models.policy else sampler,
             temperature=cfg.generation.temperature,
+            sampled_hidden=sampled_hidden[0] if sampled_hidden else None,
         )
         if clock:
             clock.lap("time/measure_seconds")
@@ -812,6 +817,16 @@ def _check_minibatches(cfg: RunConfig, world_size: int) -> None:
             f"sequences per step (trainer.prompts_per_step / processes × "
             f"algorithm.num_generations); use a divisor of {per_process}"
         )
+
+
+def _fused_adamw(groups: list[dict[str, Any]]) -> bool | None:
+    """Fused AdamW (one kernel over all parameters) where torch has it: the same update as the
+    per-parameter loop, in ~4× less time on CPU for the 135M-parameter embedded model (its
+    optimizer step is otherwise over a second of each update). None (torch's default) elsewhere."""
+    params = [p for group in groups for p in group["params"]]
+    fusable = {"cpu", "cuda", "mps", "xpu"}
+    ok = bool(params) and all(p.is_floating_point() and p.device.type in fusable for p in params)
+    return True if ok else None
 
 
 def _shared_output_dir(cfg: RunConfig, acc: Accelerator) -> Path:
