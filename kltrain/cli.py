@@ -138,10 +138,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from kltrain.algorithms import describe_objective
-    from kltrain.objective import build_regulariser, optimiser_steps_per_batch
+    from kltrain.objective import build_regulariser, optimizer_steps_per_batch
     from kltrain.preflight import check_can_start
 
-    regulariser = build_regulariser(cfg.kl, optimiser_steps_per_batch(cfg))
+    regulariser = build_regulariser(cfg.kl, optimizer_steps_per_batch(cfg))
     followed, line = describe_objective(cfg, regulariser)
     checked = check_can_start(cfg)  # models, data, rewards, run folder: would fit start?
     print(to_yaml(cfg, {"gradient_followed": followed}), end="")
@@ -272,7 +272,7 @@ COMMANDS = {
 
 def _print_gradient_table(name: str) -> None:
     """Which gradient each (estimator, placement) follows under ``name``, for every
-    kl.importance_ratio form, on-policy (one optimiser step per rollout batch) and off-policy
+    kl.importance_ratio form, on-policy (one optimizer step per rollout batch) and off-policy
     (epochs × num_minibatches > 1); ``*`` marks what ``auto`` picks."""
     from kltrain.divergence.estimators import (
         ESTIMATOR_NAMES,

@@ -197,7 +197,7 @@ class PPOConfig(Section):
     value_model: str | None = None
     """None: a linear value head on the policy's final hidden states (shared trunk, as TRL's
     value head). A model name (embedded short name, hub id or folder): a separate value model, its
-    own transformer trunk plus a linear head, trained with the policy's optimiser."""
+    own transformer trunk plus a linear head, trained with the policy's optimizer."""
 
 
 FdpgTarget = Literal["rlhf", "constraint", "moments"]
@@ -241,7 +241,7 @@ class AlgorithmConfig(Section):
     epochs: int = Field(1, ge=1)
     """Optimisation passes over each rollout batch."""
     num_minibatches: int = Field(1, ge=1)
-    """Each pass is split into this many shuffled minibatches, one optimiser step each."""
+    """Each pass is split into this many shuffled minibatches, one optimizer step each."""
     clip_range: float = Field(0.2, gt=0.0)
     scale_rewards: bool = True
     """GRPO: divide by the group's reward std (Dr. GRPO sets this off)."""
@@ -288,7 +288,7 @@ class TrainerConfig(Section):
     """`auto`: continue from the newest complete checkpoint in `output_dir` (a fresh start when
     there is none yet); a path: from that checkpoint (or that run folder's newest)."""
     max_consecutive_skips: int = Field(3, ge=1)
-    """Stop the run after this many optimiser updates in a row skipped for a non-finite loss or
+    """Stop the run after this many optimizer updates in a row skipped for a non-finite loss or
     gradient norm."""
     log_samples_every: int = Field(5, ge=0)
     eval_every: int = Field(0, ge=0)

@@ -74,20 +74,20 @@ class Regulariser:
         return weighted_term(g, logprobs, old_logprobs, self.importance_ratio)
 
 
-def optimiser_steps_per_batch(cfg: RunConfig) -> int:
-    """Optimiser steps each rollout batch feeds: above 1, all but the first are off-policy."""
+def optimizer_steps_per_batch(cfg: RunConfig) -> int:
+    """Optimizer steps each rollout batch feeds: above 1, all but the first are off-policy."""
     return cfg.algorithm.epochs * cfg.algorithm.num_minibatches
 
 
-def build_regulariser(kl: KLConfig, optimiser_steps_per_batch: int = 1) -> Regulariser:
+def build_regulariser(kl: KLConfig, optimizer_steps_per_batch: int = 1) -> Regulariser:
     """Resolve ``kl.*`` and refuse a pair whose gradient is not that of ``kl.divergence``
     unless ``kl.accept_gradient`` names it (MATH.md, "Which gradient each pair follows").
 
-    ``optimiser_steps_per_batch`` (``algorithm.epochs × num_minibatches``): above 1 every step
+    ``optimizer_steps_per_batch`` (``algorithm.epochs × num_minibatches``): above 1 every step
     but a batch's first is off-policy, which decides ``kl.importance_ratio: auto`` and the label.
     """
     divergence = get_divergence(kl.divergence, **kl.divergence_params())
-    off_policy = optimiser_steps_per_batch > 1
+    off_policy = optimizer_steps_per_batch > 1
     _check_ratio_applies(kl)
     mode, followed = resolve_importance_ratio(
         kl.importance_ratio,
@@ -100,7 +100,7 @@ def build_regulariser(kl: KLConfig, optimiser_steps_per_batch: int = 1) -> Regul
     where = (
         f"kl.estimator={kl.estimator} with kl.placement={kl.placement} "
         f"(kl.importance_ratio={kl.importance_ratio}, resolved to {mode}; "
-        f"{'off' if off_policy else 'on'}-policy: {optimiser_steps_per_batch} optimiser step(s) "
+        f"{'off' if off_policy else 'on'}-policy: {optimizer_steps_per_batch} optimizer step(s) "
         f"per rollout batch)"
     )
     if not followed.is_gradient_of(divergence.name) and kl.accept_gradient != followed.key:

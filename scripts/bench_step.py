@@ -26,7 +26,7 @@ Configurations (``--configs``):
 
 Reported per configuration (one JSON line each, then a markdown table): median, min and max of
 the measured step times of each side, the ratio kltrain ÷ TRL of the medians, each side's peak
-RSS (``ru_maxrss`` of its process: models, optimiser, activations), and kltrain's phases
+RSS (``ru_maxrss`` of its process: models, optimizer, activations), and kltrain's phases
 (generation, reference pass, policy pass, lm_head statistics, rewards, update, logging; medians)
 each set against its limit, from rates measured in this run before and after the processes:
 

@@ -3,7 +3,7 @@
 One uninterrupted run, then N trials. Each trial starts ``python -m kltrain fit CONFIG --resume``
 in a fresh run folder and SIGKILLs it at a random moment (uniform over the expected remaining
 training time, once the run has started), ``--kills`` times, then lets the last attempt finish.
-A trial matches when its final weights, last checkpoint (optimiser, scheduler, β, sampler,
+A trial matches when its final weights, last checkpoint (optimizer, scheduler, β, sampler,
 whitening statistics, RNG states) and every step's metrics and samples equal the uninterrupted
 run's exactly (wall-clock ``time/*`` metrics and the W&B run id excepted).
 

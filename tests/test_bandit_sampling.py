@@ -1,7 +1,7 @@
 """The enumerable bandit of tests/test_algorithms.py (one new token, free logits, closed-form
 optimum of reward − β·D(π‖π_ref)) in the two settings of issue 12:
 
-- off-policy: each rollout batch feeds ``epochs × num_minibatches`` = 16 optimiser steps, with
+- off-policy: each rollout batch feeds ``epochs × num_minibatches`` = 16 optimizer steps, with
   k3 in the loss. With the importance ratio (k3·w, ``kl.importance_ratio: auto``) the policy
   reaches the reverse-KL optimum; without it (k3 on π_old's tokens) it does not.
 - a sampler that bans EOS as the first token (``generation.min_new_tokens: 1``, applied by
@@ -19,7 +19,7 @@ from transformers import MinNewTokensLengthLogitsProcessor
 from kltrain.algorithms import make_algorithm
 from kltrain.config import config_from_dict
 from kltrain.divergence.lm_head import fused_token_loss
-from kltrain.objective import build_regulariser, optimiser_steps_per_batch
+from kltrain.objective import build_regulariser, optimizer_steps_per_batch
 from tests.test_algorithms import BETA, V, _bandit_rollout, _problem, reverse_kl_optimum
 
 EOS = 3  # arm 3 (reward −0.5, optimum 0.017) plays the end-of-sequence token
@@ -34,7 +34,7 @@ def _train(kl: dict, algorithm: dict, steps: int, min_new_tokens: int = 0, lr: f
         {"algorithm": {"name": "rloo", "num_generations": k, **algorithm}, "kl": kl}
     )
     algo = make_algorithm(cfg)
-    reg = build_regulariser(cfg.kl, optimiser_steps_per_batch(cfg))
+    reg = build_regulariser(cfg.kl, optimizer_steps_per_batch(cfg))
     weight = torch.nn.Parameter(ref_logits.clone().view(V, 1))
     opt = torch.optim.Adam([weight], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-3)

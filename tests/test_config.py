@@ -32,12 +32,12 @@ def test_configs_folder_is_not_empty():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_config_validates(path):
-    from kltrain.objective import build_regulariser, optimiser_steps_per_batch
+    from kltrain.objective import build_regulariser, optimizer_steps_per_batch
 
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     # the (estimator, placement) pair is allowed as shipped, on- or off-policy as configured
-    build_regulariser(cfg.kl, optimiser_steps_per_batch(cfg))
+    build_regulariser(cfg.kl, optimizer_steps_per_batch(cfg))
 
 
 def test_defaults_are_valid():

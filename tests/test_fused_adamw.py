@@ -1,4 +1,4 @@
-"""The loop's optimiser is torch's fused AdamW where torch has it (issue 13: the per-parameter
+"""The loop's optimizer is torch's fused AdamW where torch has it (issue 13: the per-parameter
 loop cost over a second per update on CPU), and its update is the unfused one's."""
 
 from __future__ import annotations

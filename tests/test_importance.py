@@ -198,7 +198,7 @@ def test_on_mode_gradient_is_w_times_score():
     ],
 )
 def test_auto_resolution(kl, steps, mode, key):
-    reg = build_regulariser(KLConfig(**kl), optimiser_steps_per_batch=steps)
+    reg = build_regulariser(KLConfig(**kl), optimizer_steps_per_batch=steps)
     assert reg.importance_ratio == mode
     assert reg.gradient.key == (key or kl["accept_gradient"])
 
@@ -217,13 +217,13 @@ def test_auto_resolution(kl, steps, mode, key):
 )
 def test_refusals_name_the_reason(kl, steps, match):
     with pytest.raises(ConfigError, match=match) as err:
-        build_regulariser(KLConfig(**kl), optimiser_steps_per_batch=steps)
+        build_regulariser(KLConfig(**kl), optimizer_steps_per_batch=steps)
     assert "kl." in str(err.value)
 
 
 def test_accept_gradient_opts_in_to_the_off_policy_form():
     kl = KLConfig(estimator="k2", importance_ratio="off", accept_gradient="off_policy")
-    reg = build_regulariser(kl, optimiser_steps_per_batch=4)
+    reg = build_regulariser(kl, optimizer_steps_per_batch=4)
     assert (reg.importance_ratio, reg.gradient.key) == ("off", "off_policy")
 
 

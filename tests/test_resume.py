@@ -1,7 +1,7 @@
 """Resume and preemption: runs killed (SIGKILL) or stopped (SIGTERM/SIGUSR1) at chosen points and
 resumed end bit for bit where an uninterrupted run ends.
 
-"Bit for bit": the final weights, the optimiser moments and scheduler, β, the reward whitening
+"Bit for bit": the final weights, the optimizer moments and scheduler, β, the reward whitening
 statistics, the sampler position, every process RNG state (all `torch.equal` / exact JSON
 equality), and every step's metrics and samples (exact JSON equality) are those of the
 uninterrupted run. Two things are excluded and only these: the wall-clock ``time/*`` metrics and
@@ -102,7 +102,7 @@ def test_sigkill_inside_a_step_a_save_and_after_a_save_resumes_bit_exact(env, re
 
 
 def test_resume_bit_exact_with_gradient_accumulation(env):
-    """micro_batch_size 1: each optimiser update accumulates two micro-batches."""
+    """micro_batch_size 1: each optimizer update accumulates two micro-batches."""
     trainer = {"micro_batch_size": 1}
     ref, reply = fit(env, "accum_ref", trainer=trainer)
     assert reply["rc"] == 0
@@ -130,7 +130,7 @@ def test_resume_bit_exact_with_lora(env):
     assert_same_run(ref, run)
 
 
-#: Algorithms with state of their own, beyond RLOO/GRPO's: PPO (value head and its optimiser
+#: Algorithms with state of their own, beyond RLOO/GRPO's: PPO (value head and its optimizer
 #: group, k1 in the reward), f-DPG toward moments with a refit every step (λ, per-prompt Z, the fit
 #: window, the failure count) and f-DPG with the offline proposal (the frozen q and its update
 #: count). 6 steps, checkpoints at 3 and 6, SIGKILL inside step 5: the resume starts at 3.

@@ -28,6 +28,7 @@ from kltrain.training.distributed import (
     free_port,
     launch_command,
 )
+from tests.conftest import TINY_STEP_ONE_TOL
 from tests.helpers.resume_runs import REPO, child_pythonpath
 from tests.helpers.tiny import loop_config_raw, make_tiny_model_dir, update_sections
 
@@ -38,6 +39,22 @@ from tests.helpers.tiny import loop_config_raw, make_tiny_model_dir, update_sect
 #: rounding residue of O(1) terms.
 METRIC_RTOL = 1e-6
 METRIC_ATOL = 2 * 2.0**-24
+#: The exact divergences and entropy are computed from the policy's hidden states recorded while
+#: it sampled, and the sampling batch (so its padding and the matmul shapes) differs with the
+#: process count: their logits differ by forward-pass roundoff, not only by the order of a final
+#: sum. Their bound is conftest's step-one divergence bound for the tiny model (fp32 roundoff of
+#: a depth × width forward, through log-softmax, summed over the completion's tokens); a small
+#: divergence (≈ 2e-4 at step 2) carries that absolute error however small it is relative to it.
+FORWARD_ATOL_KEYS = ("divergence/", "completion/entropy")
+
+
+def _forward_roundoff_metric(key: str) -> bool:
+    """Computed from the sampling pass's logits: the exact divergences (logged, and the trained
+    ``train/<divergence>/exact``, the same number) and the entropy."""
+    return key.startswith(FORWARD_ATOL_KEYS) or (
+        key.startswith("train/") and key.endswith("/exact")
+    )
+
 
 #: Final weights: ‖Δθ_a − Δθ_b‖ ≤ WEIGHT_RTOL · ‖Δθ_a‖, Δθ the change from the initial weights.
 #: Derivation: each gradient entry is a sum of n ≤ 4096 fp32 products here (tokens × hidden), so
@@ -178,7 +195,8 @@ def _assert_metrics_close(a: list[dict], b: list[dict]) -> None:
             if not isinstance(x, float | int):
                 assert x == y, key
                 continue
-            bound = METRIC_RTOL * max(abs(x), abs(y)) + METRIC_ATOL
+            atol = TINY_STEP_ONE_TOL if _forward_roundoff_metric(key) else METRIC_ATOL
+            bound = METRIC_RTOL * max(abs(x), abs(y)) + atol
             assert abs(x - y) <= bound, f"step {step_a['step']} {key}: {x!r} vs {y!r}"
 
 

@@ -82,7 +82,7 @@ class Algorithm(ABC):
         return None
 
     def pop_update_sums(self) -> dict[str, float]:
-        """Metrics ``hidden_loss`` accumulated over this step's optimiser passes, by full metric
+        """Metrics ``hidden_loss`` accumulated over this step's optimizer passes, by full metric
         name, each a sum over passes of ``Σ_valid stat / num_tokens`` (the loop sums them across
         processes and divides by the number of passes); resets them."""
         return {}

@@ -13,7 +13,7 @@ model, :mod:`kltrain.algorithms.value`) gives GAE advantages and returns:
 the value loss ``c_v·½·max((V − G)², (clip(V, V_old ± ε_v) − G)²)`` is added through
 ``hidden_loss``.
 Old log-probs, reference log-probs, old values and advantages are computed once per rollout
-batch; the loop runs ``algorithm.epochs`` × ``algorithm.num_minibatches`` optimiser steps on it.
+batch; the loop runs ``algorithm.epochs`` × ``algorithm.num_minibatches`` optimizer steps on it.
 
 Shapes: ``[B]`` per sequence, ``[B, T]`` per completion token (zero on padding).
 """

@@ -190,7 +190,7 @@ def gradient_followed(
 
     ``importance_ratio`` (``off`` | ``on`` | ``detached``) is how the loss-placed term is weighted
     by w = π_θ/π_old (:mod:`kltrain.divergence.importance`); ``off_policy``: the sampled tokens
-    come from π_old ≠ π_θ (a batch feeding several optimiser steps). Neither changes ``exact`` (no
+    come from π_old ≠ π_θ (a batch feeding several optimizer steps). Neither changes ``exact`` (no
     sampled token) or ``reward`` (no loss term).
     """
     if placement not in PLACEMENTS:
@@ -214,7 +214,7 @@ def gradient_followed(
             "off_policy",
             None,
             f"{where} on tokens sampled from π_old ≠ π_θ: E_π_old[g'(ρ_θ)∇log π_θ] is the "
-            "gradient of no named objective after a batch's first optimiser step (MATH.md, "
+            "gradient of no named objective after a batch's first optimizer step (MATH.md, "
             "'Off-policy minibatches')",
         )
     # expected local gradient of the loss term: Σ_y π_θ(y)·c(ρ_y)·∇ℓ_y with c = g' (no w, or w

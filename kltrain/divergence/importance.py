@@ -1,7 +1,7 @@
 """The per-token importance ratio of a loss-placed sampled estimator (MATH.md, "Off-policy
 minibatches and the importance ratio").
 
-A rollout batch that feeds several optimiser steps is sampled from π_old while the loss is
+A rollout batch that feeds several optimizer steps is sampled from π_old while the loss is
 differentiated at π_θ. With ``w_t = π_θ(y_t|s_t)/π_old(y_t|s_t)`` and a sampled estimator g of
 the log-ratio at the sampled token, three forms of the loss term (``kl.importance_ratio``):
 
@@ -10,7 +10,7 @@ the log-ratio at the sampled token, three forms of the loss term (``kl.importanc
   k3·w → local reverse KL; f_plain·w, f_cv·w → local D_f), on- and off-policy alike.
 - ``detached``: ``sg(w)·g``. ``E_π_old[sg(w)·∇g] = E_π_θ[g'(ρ)∇log π_θ]``: the on-policy table
   (k2 → local reverse KL, k3 → local forward KL) at the current θ.
-- ``off``: g alone; after a batch's first optimiser step its expected gradient is that of no
+- ``off``: g alone; after a batch's first optimizer step its expected gradient is that of no
   named objective (refused unless ``kl.accept_gradient: off_policy``).
 
 ``auto`` picks, among the forms allowed for the run, the first whose gradient is one of

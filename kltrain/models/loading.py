@@ -74,7 +74,7 @@ def refuse_fp16_on_cpu(cfg: ModelConfig, device_type: str) -> None:
     for key in ("dtype", "reference_dtype"):
         if getattr(cfg, key) == "fp16":
             raise ConfigError(
-                f"model.{key}=fp16 cannot train on the CPU (fp16 weights and optimiser state "
+                f"model.{key}=fp16 cannot train on the CPU (fp16 weights and optimizer state "
                 f"underflow and turn to NaN); use fp32 (or bf16) on the CPU, fp16 only on a GPU"
             )
 

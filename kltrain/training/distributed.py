@@ -181,7 +181,7 @@ def _sum_hook(state, bucket):  # no annotations: DDP compares them as objects, n
 
 
 def sync_context(model: torch.nn.Module, sync: bool) -> AbstractContextManager:
-    """``no_sync`` for every micro-batch of an optimiser step but the last: DDP then reduces the
+    """``no_sync`` for every micro-batch of an optimizer step but the last: DDP then reduces the
     accumulated gradient once, bucketed and overlapped with the last backward."""
     if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return nullcontext()

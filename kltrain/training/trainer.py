@@ -44,7 +44,7 @@ from kltrain.evaluation import evaluate_policy, training_eval_data
 from kltrain.models.loading import Models, load_models, refuse_fp16_on_cpu
 from kltrain.models.logits import lm_head_params
 from kltrain.models.sampling import sample_seed
-from kltrain.objective import LOGGED_DIVERGENCES, build_regulariser, optimiser_steps_per_batch
+from kltrain.objective import LOGGED_DIVERGENCES, build_regulariser, optimizer_steps_per_batch
 from kltrain.prompt_length import count_truncated, screen_long_prompts
 from kltrain.rewards import RewardFunction
 from kltrain.rl.coef import make_coef
@@ -63,7 +63,7 @@ class TrainingStopped(RuntimeError):
 
 
 class _StepAbandoned(Exception):
-    """A stop signal arrived before the step's first optimiser update: the step is dropped and
+    """A stop signal arrived before the step's first optimizer update: the step is dropped and
     the checkpoint records the state from before it."""
 
 
@@ -122,7 +122,7 @@ class Trainer:
         if resume_from is None:
             run_folder.check_fresh_start(self.output_dir, config_path, overwrite or bool(resume))
         refuse_fp16_on_cpu(cfg.model, acc.device.type)
-        self.regulariser = build_regulariser(cfg.kl, optimiser_steps_per_batch(cfg))
+        self.regulariser = build_regulariser(cfg.kl, optimizer_steps_per_batch(cfg))
         prompts_per_process(cfg, acc.num_processes)  # the step's prompts split evenly: check now
         _check_minibatches(cfg, acc.num_processes)
         self.models: Models = load_models(cfg.model)
@@ -426,13 +426,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def optimise(self, batch: TrainBatch, step: int) -> dict[str, float]:
         """``algorithm.epochs`` passes over the batch, each split into ``num_minibatches``
-        shuffled minibatches; each minibatch is one optimiser step."""
+        shuffled minibatches; each minibatch is one optimizer step."""
         algo = self.cfg.algorithm
         sums: dict[str, float] = defaultdict(float)
         skipped = 0
         self._ratio_max = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
         for rows in self._minibatches(batch.rollout.num_sequences):
-            ok = self._optimiser_step(batch, rows, sums, step)
+            ok = self._optimizer_step(batch, rows, sums, step)
             skipped += 0 if ok else 1
         passes = algo.epochs * algo.num_minibatches
         for key in LOCAL_TOKEN_SUMS:  # this process's tokens only: add up the processes
@@ -465,7 +465,7 @@ class Trainer:
             out += list(order.split(size))
         return out
 
-    def _optimiser_step(self, batch: TrainBatch, rows: Tensor, sums: dict, step: int) -> bool:
+    def _optimizer_step(self, batch: TrainBatch, rows: Tensor, sums: dict, step: int) -> bool:
         mask = batch.rollout.completion_mask[rows]
         num_tokens = max(self._global_count(int(mask.sum())), 1)
         loss_total = torch.zeros((), device=self.accelerator.device)
@@ -505,7 +505,7 @@ class Trainer:
         old = r.stats["logprobs"][rows][mask]
         ref_lp = r.stats["ref_logprobs"][rows][mask]
         adv = batch.advantages[rows][mask]
-        beta = self.coef.value
+        coef = self.coef.value
         in_loss = self._regularised_in_loss()
         exact_in_loss = reg.exact and in_loss
 
@@ -514,7 +514,7 @@ class Trainer:
             per_token, stats = self.algorithm.token_loss(chunk.logprobs, old[sl], adv[sl])
             if in_loss:
                 d = reg.loss_term(chunk.logprobs, ref_lp[sl], chunk.divergence, old[sl])
-                per_token = per_token + beta * d
+                per_token = per_token + coef * d
             # float64 tensors, no host sync per chunk: read once per step in optimise()
             sums["clip_fraction"] += stats["clipped"].sum().double() / num_tokens
             sums["approx_kl_old"] += stats["approx_kl"].sum().double() / num_tokens
@@ -609,19 +609,19 @@ class Trainer:
         self.state.skipped_steps += 1
         limit = self.cfg.trainer.max_consecutive_skips
         print(
-            f"kltrain: step {step}: non-finite {quantity}; optimiser update skipped "
+            f"kltrain: step {step}: non-finite {quantity}; optimizer update skipped "
             f"({self.state.consecutive_skips} in a row, {self.state.skipped_steps} in all)",
             flush=True,
         )
         if self.state.consecutive_skips >= limit:
             raise TrainingStopped(
-                f"step {step}: non-finite {quantity} in {limit} consecutive optimiser updates "
+                f"step {step}: non-finite {quantity} in {limit} consecutive optimizer updates "
                 f"(trainer.max_consecutive_skips={limit}); stopping ({self._checkpoint_note()})"
             )
 
     def _check_weights_finite(self, step: int) -> None:
         """A finite loss and gradient norm can still give non-finite weights (fp16 overflow in
-        the optimiser): stop before they are sampled from or saved. Cheap: one fp32 sum per
+        the optimizer): stop before they are sampled from or saved. Cheap: one fp32 sum per
         tensor (a NaN or ±inf anywhere makes it non-finite; no weight is large enough to overflow
         an fp32 sum), one device sync; the per-element search runs only on failure."""
         sums = torch.stack([p.detach().sum(dtype=torch.float32) for p in self.params])
@@ -630,7 +630,7 @@ class Trainer:
         names = {id(p): n for n, p in self.models.policy.named_parameters()}
         bad = next(p for p in self.params if not bool(torch.isfinite(p).all()))
         raise TrainingStopped(
-            f"step {step}: the optimiser update made the weights non-finite (first: "
+            f"step {step}: the optimizer update made the weights non-finite (first: "
             f"{names.get(id(bad), 'an algorithm module parameter')}, model.dtype="
             f"{self.cfg.model.dtype}); stopping without saving them ({self._checkpoint_note()})"
         )
@@ -653,7 +653,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def save_checkpoint(self, captured: dict[str, Any] | None = None) -> Path | None:
         """Checkpoint the current state, or ``captured`` (from :meth:`_capture`) with the current
-        weights and optimiser when a step was abandoned before updating them."""
+        weights and optimizer when a step was abandoned before updating them."""
         captured = captured or self._capture()
         rng = [captured["rng"]]
         if self.accelerator.num_processes > 1:
@@ -677,7 +677,7 @@ class Trainer:
         )
 
     def _capture(self) -> dict[str, Any]:
-        """Everything but the weights and optimiser, as plain JSON-ready values; cheap enough to
+        """Everything but the weights and optimizer, as plain JSON-ready values; cheap enough to
         take at the start of every step (so that a step can be abandoned)."""
         return {
             "step": self.state.step,

@@ -8,7 +8,7 @@ tensor operation itself, so its children start from a clean OpenMP state.
 
 Kill points (``kill={"at": ..., "step": N}``):
 
-- ``step``: SIGKILL inside step N, after its optimiser update, before anything is logged;
+- ``step``: SIGKILL inside step N, after its optimizer update, before anything is logged;
 - ``save``: SIGKILL inside the save of step N, all files written but the COMPLETE marker;
 - ``after_save``: SIGKILL just after the checkpoint of step N is renamed into place, before the
   old ones are pruned;

@@ -78,7 +78,7 @@ class Fdpg(Algorithm):
         super().__init__(cfg)
         self.settings: FdpgConfig = cfg.algorithm.fdpg or FdpgConfig()
         self.divergence = get_divergence(cfg.kl.divergence, **cfg.kl.divergence_params())
-        self.beta = cfg.kl.coef
+        self.coef = cfg.kl.coef  # β of the rlhf target p ∝ π_ref·exp(R/β)
         self.log_z = LogPartitionEstimate(self.settings.z_rate)
         lambdas = self.settings.lambdas
         self.lambdas = None if lambdas is None else torch.tensor(lambdas, dtype=torch.float64)
@@ -194,7 +194,7 @@ class Fdpg(Algorithm):
         fits λ first when due (``log_w0 = log π_ref − log π`` the samples' IS weights)."""
         target = self.settings.target
         if target == "rlhf":
-            return rewards.double() / self.beta, {"fdpg/alignment/reward": float(rewards.mean())}
+            return rewards.double() / self.coef, {"fdpg/alignment/reward": float(rewards.mean())}
         per_term = {k: v.to(log_w0.device) for k, v in rollout.rewards_per_term.items()}
         if target == "constraint":
             b = constraint_values(per_term)
