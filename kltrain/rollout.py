@@ -163,7 +163,9 @@ def generate(
 #: Logits processors a model's own generation_config.json may switch on (e.g. a hub model's
 #: ``repetition_penalty``), set to their neutral values: transformers fills every generate()
 #: argument left unset from the model's file, and any of these would make the sampled
-#: distribution differ from the one the loss differentiates.
+#: distribution differ from the one the loss differentiates. (A model's ``min_length`` needs no
+#: entry: the ``min_new_tokens`` always passed takes precedence, and setting both makes
+#: transformers warn at every generate call.)
 NEUTRAL_SAMPLING = {
     "repetition_penalty": 1.0,
     "encoder_repetition_penalty": 1.0,
@@ -173,7 +175,6 @@ NEUTRAL_SAMPLING = {
     "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0,
     "min_p": None,
-    "min_length": 0,
     "bad_words_ids": None,
     "sequence_bias": None,
     "suppress_tokens": None,
