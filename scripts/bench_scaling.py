@@ -101,7 +101,7 @@ def _config(args, root: Path, model: Path, world: int) -> Path:
 
     raw = loop_config_raw(str(model), root / f"run-w{world}")
     raw["seed"] = 3
-    raw["generation"] = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}
+    raw["generation"] = {"max_new_tokens": args.new_tokens}  # (min_new_tokens > 0 is refused)
     raw["trainer"].update(
         {
             "max_steps": args.steps,
