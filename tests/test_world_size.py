@@ -49,11 +49,26 @@ FORWARD_ATOL_KEYS = ("divergence/", "completion/entropy")
 
 
 def _forward_roundoff_metric(key: str) -> bool:
-    """Computed from the sampling pass's logits: the exact divergences (logged, and the trained
-    ``train/<divergence>/exact``, the same number) and the entropy."""
-    return key.startswith(FORWARD_ATOL_KEYS) or (
-        key.startswith("train/") and key.endswith("/exact")
-    )
+    """Computed from the sampling pass's per-token log-probs (1-Lipschitz in them, summed over a
+    sequence): the exact divergences, the trained divergence's value ``train/<d>/<estimator>``
+    and the entropy."""
+    trained = key.startswith("train/") and key.count("/") == 2 and key.split("/")[1] != "lr"
+    return key.startswith(FORWARD_ATOL_KEYS) or trained
+
+
+#: f-DPG's importance-weighted estimates (``fdpg/*``) are functions of exp(sequence log-ratio)
+#: with derivatives unbounded in the data (forward KL's f'(u) = −1/u), and the moments target's
+#: λ is refitted from them: no data-free bound follows from the log-probs' roundoff, so they are
+#: compared at this stated relative tolerance, and so is every metric of the f-DPG run downstream
+#: of them (its advantages are the pseudo-rewards f'(π/p): loss, gradient norm, …). The token ids
+#: and the weights keep their derived bounds, and the other algorithms' metrics theirs. Seen:
+#: 1e-4 relative (advantage std, gradient norm) under ATEN_CPU_CAPABILITY=avx2.
+FDPG_ESTIMATE_RTOL = 1e-3
+#: The f-DPG run's weights: its gradients carry that 1e-4-relative difference, and Adam's
+#: m/(√v + ε) is not Lipschitz in g where |g| is at roundoff level (the sign of a near-zero entry
+#: decides a full-size step), so WEIGHT_RTOL's gain-≤-1 argument does not hold there. Seen: 3%
+#: under ATEN_CPU_CAPABILITY=avx2 (0 under AVX-512). A broken gradient sync gives O(1).
+FDPG_WEIGHT_RTOL = 0.1
 
 
 #: Final weights: ‖Δθ_a − Δθ_b‖ ≤ WEIGHT_RTOL · ‖Δθ_a‖, Δθ the change from the initial weights.
@@ -186,7 +201,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "final" / "model.safetensors"))
 
 
-def _assert_metrics_close(a: list[dict], b: list[dict]) -> None:
+def _assert_metrics_close(a: list[dict], b: list[dict], fdpg: bool = False) -> None:
     assert len(a) == len(b) == 2
     for step_a, step_b in zip(a, b, strict=True):
         assert step_a.keys() == step_b.keys()
@@ -196,16 +211,21 @@ def _assert_metrics_close(a: list[dict], b: list[dict]) -> None:
                 assert x == y, key
                 continue
             atol = TINY_STEP_ONE_TOL if _forward_roundoff_metric(key) else METRIC_ATOL
-            bound = METRIC_RTOL * max(abs(x), abs(y)) + atol
+            if key == "train/loss":  # Σ of O(1) per-token terms that cancel to ≈ 0
+                atol = TINY_STEP_ONE_TOL
+            rtol = FDPG_ESTIMATE_RTOL if fdpg else METRIC_RTOL
+            bound = rtol * max(abs(x), abs(y)) + atol
             assert abs(x - y) <= bound, f"step {step_a['step']} {key}: {x!r} vs {y!r}"
 
 
-def _assert_same_update(a: Path, b: Path, initial: dict[str, torch.Tensor]) -> None:
+def _assert_same_update(
+    a: Path, b: Path, initial: dict[str, torch.Tensor], rtol: float = WEIGHT_RTOL
+) -> None:
     wa, wb = _weights(a), _weights(b)
     da = torch.cat([(wa[k].double() - initial[k].double()).flatten() for k in sorted(initial)])
     db = torch.cat([(wb[k].double() - initial[k].double()).flatten() for k in sorted(initial)])
     assert da.norm() > 0  # the runs trained
-    assert (da - db).norm() <= WEIGHT_RTOL * da.norm(), float((da - db).norm() / da.norm())
+    assert (da - db).norm() <= rtol * da.norm(), float((da - db).norm() / da.norm())
 
 
 @pytest.mark.multiprocess
@@ -225,9 +245,10 @@ def test_one_and_two_processes_run_the_same_run(runs, name):
     one, two = runs / f"{name}-w1", runs / f"{name}-w2"
     assert _token_ids(one) == _token_ids(two)
     assert len(_token_ids(one)[0]["ids"]) == 8  # 4 prompts × 2 samples, all gathered
-    _assert_metrics_close(_metrics(one), _metrics(two))
+    fdpg = name.startswith("fdpg")
+    _assert_metrics_close(_metrics(one), _metrics(two), fdpg=fdpg)
     initial = load_file(str(runs / "model" / "model.safetensors"))
-    _assert_same_update(one, two, initial)
+    _assert_same_update(one, two, initial, FDPG_WEIGHT_RTOL if fdpg else WEIGHT_RTOL)
 
 
 @pytest.mark.multiprocess
