@@ -39,7 +39,7 @@ from kltrain.divergence.functions import get_divergence
 from kltrain.models.loading import Models
 from kltrain.objective import LOGGED_DIVERGENCES
 from kltrain.rewards import RewardFunction
-from kltrain.rollout import Rollout, generate, measure
+from kltrain.rollout import Rollout, measure, sample_rollout
 
 #: Prompts per generation batch (each with ``samples_per_prompt`` samples).
 PROMPTS_PER_BATCH = 8
@@ -213,31 +213,15 @@ def _rollout(models: Models, cfg: RunConfig, dataset, indices: list[int], k: int
         render_prompt(models.tokenizer, p, cfg.data.chat_template, cfg.data.system_prompt)
         for p in prompts
     ]
-    gen = cfg.generation
-    input_ids, attention_mask, completion_mask, prompt_len = generate(
+    return sample_rollout(
         models,
         texts,
+        prompts,
+        seq_indices,
+        k,
+        cfg.generation,
         max_prompt_tokens=cfg.data.max_prompt_tokens,
-        max_new_tokens=gen.max_new_tokens,
-        min_new_tokens=gen.min_new_tokens,
-        temperature=gen.temperature,
-        top_k=gen.top_k,
-        top_p=gen.top_p,
-        batch_size=cfg.trainer.generation_batch_size or len(texts),
-    )
-    completions = models.tokenizer.batch_decode(
-        input_ids[:, prompt_len:].masked_fill(~completion_mask, models.tokenizer.pad_token_id),
-        skip_special_tokens=True,
-    )
-    return Rollout(
-        prompt_indices=seq_indices,
-        group_ids=torch.arange(len(indices)).repeat_interleave(k),
-        prompts=prompts,
-        completions=completions,
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        completion_mask=completion_mask,
-        prompt_length=prompt_len,
+        batch_size=cfg.trainer.generation_batch_size,
     )
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessorList
 
+from kltrain.config import GenerationConfig
 from kltrain.divergence.functions import Divergence
 from kltrain.divergence.lm_head import token_stats
 from kltrain.models.loading import Models
@@ -183,6 +184,54 @@ NEUTRAL_SAMPLING = {
     "forced_eos_token_id": None,
     "exponential_decay_length_penalty": None,
 }
+
+
+def sample_rollout(
+    models: Models,
+    texts: list[str],
+    prompts: list,
+    prompt_indices: list[int],
+    group_size: int,
+    gen: GenerationConfig,
+    *,
+    max_prompt_tokens: int,
+    batch_size: int | None = None,
+    model: torch.nn.Module | None = None,
+    seeds: Sequence[int] | None = None,
+    hidden_out: list[Tensor] | None = None,
+) -> Rollout:
+    """One completion per rendered prompt ``texts[i]`` (``prompts[i]`` as the dataset holds it,
+    row ``prompt_indices[i]``; contiguous groups of ``group_size`` share a prompt), sampled with
+    ``generation.*`` and decoded: a :class:`Rollout` without statistics (:func:`measure` adds
+    them). ``model``, ``seeds``, ``hidden_out``: as :func:`generate`."""
+    input_ids, attention_mask, completion_mask, prompt_len = generate(
+        models,
+        texts,
+        max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens=gen.max_new_tokens,
+        min_new_tokens=gen.min_new_tokens,
+        temperature=gen.temperature,
+        top_k=gen.top_k,
+        top_p=gen.top_p,
+        batch_size=batch_size or len(texts),
+        model=model,
+        seeds=seeds,
+        hidden_out=hidden_out,
+    )
+    pad = models.tokenizer.pad_token_id
+    completions = models.tokenizer.batch_decode(
+        input_ids[:, prompt_len:].masked_fill(~completion_mask, pad), skip_special_tokens=True
+    )
+    return Rollout(
+        prompt_indices=prompt_indices,
+        group_ids=torch.arange(len(texts) // group_size).repeat_interleave(group_size),
+        prompts=prompts,
+        completions=completions,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        completion_mask=completion_mask,
+        prompt_length=prompt_len,
+    )
 
 
 def sampling_kwargs(

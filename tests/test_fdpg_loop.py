@@ -160,7 +160,7 @@ def test_offline_proposal_generates_and_is_replaced_only_on_improvement(
 ):
     """Every step generates from q; q stays the starting policy while the policy moves, becomes
     the policy of step 2 (before its update) when step 2's rule fires, then stays again."""
-    import kltrain.training.trainer as trainer_module
+    import kltrain.rollout as rollout_module
 
     out = tmp_path / "run"
     trainer = Trainer(offline_config(tiny_model, out))
@@ -171,13 +171,13 @@ def test_offline_proposal_generates_and_is_replaced_only_on_improvement(
     assert not optimised & {id(p) for p in algo.proposal.parameters()}
     _scripted_decisions(trainer, replace_at={2})
     seen = []  # (model used, q's weights, the policy's weights) at each generation
-    real_generate = trainer_module.generate
+    real_generate = rollout_module.generate  # what the loop's sample_rollout calls
 
     def spy(models, texts, **kw):
         seen.append((kw["model"], _snapshot(algo.proposal), _snapshot(models.policy)))
         return real_generate(models, texts, **kw)
 
-    monkeypatch.setattr(trainer_module, "generate", spy)
+    monkeypatch.setattr(rollout_module, "generate", spy)
     start = _snapshot(trainer.models.policy)
     trainer.fit()
     rows = read_metrics(out)

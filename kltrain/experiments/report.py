@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from kltrain.config import ConfigError
+from kltrain.training import checkpoint
 
 #: Colours by divergence name, fixed so that a divergence looks the same in every report.
 COLOURS = {
@@ -130,20 +131,10 @@ def _load_run(folder: Path, name: str, overrides: dict[str, Any]) -> Run:
         for line in (folder / "metrics.jsonl").read_text().splitlines()
         if line.strip()
     ]
-    config = _flatten(yaml.safe_load((folder / "config.yaml").read_text()) or {})
+    config = checkpoint.flatten_config(yaml.safe_load((folder / "config.yaml").read_text()) or {})
     eval_file = folder / "eval.json"
     metrics = json.loads(eval_file.read_text())["metrics"] if eval_file.is_file() else {}
     return Run(name, folder, dict(overrides), config, history, metrics)
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _set_differing_overrides(runs: list[Run]) -> None:

@@ -383,7 +383,7 @@ def find_resume(resume: str, output_dir: str | None) -> tuple[Path, Path | None]
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: saved → current`` for every field that changes what the run computes."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten_config(saved), flatten_config(current)
     lines = []
     for key in sorted(set(old) | set(new)):
         if key in ("versions", "gradient_followed") or key.startswith("versions."):
@@ -395,11 +395,12 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict → ``{"section.key": value}`` (empty dicts kept as values)."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten_config(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

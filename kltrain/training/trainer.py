@@ -49,7 +49,7 @@ from kltrain.prompt_length import count_truncated, screen_long_prompts
 from kltrain.rewards import RewardFunction
 from kltrain.rl.coef import make_coef
 from kltrain.rl.reduction import max_of
-from kltrain.rollout import Rollout, completion_hidden, generate, measure, tempered
+from kltrain.rollout import Rollout, completion_hidden, measure, sample_rollout, tempered
 from kltrain.training import checkpoint, distributed, preemption, run_folder
 from kltrain.training.tracking import RunLogger, StepResult
 
@@ -337,41 +337,24 @@ class Trainer:
         self._truncated_prompts = count_truncated(
             self.models.tokenizer, texts, cfg.data.max_prompt_tokens
         )
-        gen = cfg.generation
         sampler = self.algorithm.sampling_model(self.models)
         # The policy's hidden states recorded while it samples: measure() then skips its forward.
         sampled_hidden: list[Tensor] | None = [] if sampler is self.models.policy else None
-        input_ids, attention_mask, completion_mask, prompt_len = generate(
+        rollout = sample_rollout(
             self.models,
             texts,
+            prompts,
+            seq_indices,
+            k,
+            cfg.generation,
             max_prompt_tokens=cfg.data.max_prompt_tokens,
-            max_new_tokens=gen.max_new_tokens,
-            min_new_tokens=gen.min_new_tokens,
-            temperature=gen.temperature,
-            top_k=gen.top_k,
-            top_p=gen.top_p,
-            batch_size=cfg.trainer.generation_batch_size or len(texts),
+            batch_size=cfg.trainer.generation_batch_size,
             model=sampler,
             seeds=self._sample_seeds(len(texts)),
             hidden_out=sampled_hidden,
         )
         if clock:
             clock.lap("time/generate_seconds")
-        completion_ids = input_ids[:, prompt_len:]
-        completions = self.models.tokenizer.batch_decode(
-            completion_ids.masked_fill(~completion_mask, self.models.tokenizer.pad_token_id),
-            skip_special_tokens=True,
-        )
-        rollout = Rollout(
-            prompt_indices=seq_indices,
-            group_ids=torch.arange(len(indices)).repeat_interleave(k),
-            prompts=prompts,
-            completions=completions,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            completion_mask=completion_mask,
-            prompt_length=prompt_len,
-        )
         measure(
             rollout,
             self.models,
