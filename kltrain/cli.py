@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="start N processes on this machine with Accelerate's launcher (one process group: "
         "gloo on CPU, NCCL on GPUs) instead of running in this one",
     )
+    fit.add_argument(
+        "--accelerate-config",
+        default=None,
+        metavar="FILE",
+        help="with --num-processes: the Accelerate config that picks the engine, e.g. "
+        "configs/accelerate/fsdp.yaml (FSDP2); default data parallel (DDP)",
+    )
     val = sub.add_parser("validate", help="load, resolve and check a config; print it")
     val.add_argument("config")
     val.add_argument("overrides", nargs="*")
@@ -154,6 +161,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     resume, overrides = _split_resume(args.resume, args.overrides)
     cfg = load_config(args.config, overrides)
+    if args.accelerate_config and args.num_processes is None:
+        raise ConfigError(
+            "--accelerate-config is read by the launcher: give --num-processes N with it, or "
+            f"run `accelerate launch --config_file {args.accelerate_config} -m kltrain fit ...`"
+        )
     if args.num_processes is not None and args.num_processes != 1:
         return _launch(args, cfg)
     from kltrain.training.preemption import Preempted
@@ -192,7 +204,11 @@ def _launch(args: argparse.Namespace, cfg) -> int:
         argv += ["--resume", args.resume]
     if args.allow_config_change:
         argv.append("--allow-config-change")
-    command = launch_command(n, argv)
+    if args.overwrite:
+        argv.append("--overwrite")
+    if args.accelerate_config and not Path(args.accelerate_config).is_file():
+        raise ConfigError(f"--accelerate-config {args.accelerate_config}: no such file")
+    command = launch_command(n, argv, accelerate_config=args.accelerate_config)
     print(f"kltrain: launching {n} processes: {' '.join(command)}", flush=True)
     return subprocess.run(command, check=False).returncode
 

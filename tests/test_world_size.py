@@ -21,6 +21,7 @@ import yaml
 from safetensors.torch import load_file
 
 from kltrain.rl.reduction import combine, finish, max_of, mean_of, std_of, sum_of
+from kltrain.training import checkpoint
 from kltrain.training.distributed import (
     ProcessGroupError,
     check_engine,
@@ -29,7 +30,7 @@ from kltrain.training.distributed import (
     launch_command,
 )
 from tests.conftest import TINY_STEP_ONE_TOL
-from tests.helpers.resume_runs import REPO, child_pythonpath
+from tests.helpers.resume_runs import FSDP2_ENV, REPO, child_pythonpath
 from tests.helpers.tiny import loop_config_raw, make_tiny_model_dir, update_sections
 
 #: Per-step metrics: |a − b| ≤ METRIC_RTOL·max(|a|, |b|) + METRIC_ATOL. The runs differ only in
@@ -133,21 +134,21 @@ RUNS = {
 }
 
 
-def _config(root: Path, model: str, name: str, world: int, sections: dict) -> Path:
-    out = root / f"{name}-w{world}"
+def _config(root: Path, model: str, name: str, tag: str, sections: dict) -> Path:
+    out = root / f"{name}-{tag}"
     raw = loop_config_raw(model, out)
     raw["trainer"].update({"prompts_per_step": 4, "micro_batch_size": 4})
     raw["seed"] = 11
     update_sections(raw, json.loads(json.dumps(sections)))
     raw = {k: {n: v for n, v in s.items() if v is not None} if isinstance(s, dict) else s
            for k, s in raw.items()}  # fmt: skip
-    path = root / f"{name}-w{world}.yaml"
+    path = root / f"{name}-{tag}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
-def _launch(root: Path, world: int, configs: list[Path]) -> None:
-    spec = root / f"spec-w{world}.json"
+def _launch(root: Path, world: int, configs: list[Path], tag: str, env: dict | None = None) -> None:
+    spec = root / f"spec-{tag}.json"
     spec.write_text(json.dumps({"configs": [str(c) for c in configs]}))
     module = ["-m", "tests.helpers.world_runs", str(spec)]
     if world == 1:
@@ -169,6 +170,7 @@ def _launch(root: Path, world: int, configs: list[Path]) -> None:
         "OMP_NUM_THREADS": "1",  # as torchrun sets it, so both launches run the same kernels
         "OMP_WAIT_POLICY": "PASSIVE",
         "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
     }
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
@@ -178,13 +180,14 @@ def _launch(root: Path, world: int, configs: list[Path]) -> None:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     model = str(make_tiny_model_dir(root / "model"))
-    for world in (1, 2):
+    launches = [(1, "w1", None), (2, "w2", None), (2, "fsdp2", FSDP2_ENV)]
+    for world, tag, env in launches:
         configs = [
-            _config(root, model, name, world, sections)
+            _config(root, model, name, tag, sections)
             for name, (sections, both) in RUNS.items()
             if world == 1 or both
         ]
-        _launch(root, world, configs)
+        _launch(root, world, configs, tag, env)
     return root
 
 
@@ -249,6 +252,23 @@ def test_one_and_two_processes_run_the_same_run(runs, name):
     _assert_metrics_close(_metrics(one), _metrics(two), fdpg=fdpg)
     initial = load_file(str(runs / "model" / "model.safetensors"))
     _assert_same_update(one, two, initial, FDPG_WEIGHT_RTOL if fdpg else WEIGHT_RTOL)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", [n for n, (_, both) in RUNS.items() if both])
+def test_fsdp2_on_two_processes_runs_the_one_process_run(runs, name):
+    """FSDP2 (policy and reference sharded over 2 gloo processes, gradients reduce-scattered,
+    the lm_head gathered once per micro-batch, full weights gathered for generation and the
+    scoring passes): the same sampled ids, metrics and update as one unsharded process, within
+    the DDP comparison's bounds (sharding changes which process sums which gradient entries:
+    reduction order only)."""
+    one, sharded = runs / f"{name}-w1", runs / f"{name}-fsdp2"
+    assert yaml.safe_load((sharded / "config.yaml").read_text())["engine"] == "fsdp2"
+    assert _token_ids(one) == _token_ids(sharded)
+    fdpg = name.startswith("fdpg")
+    _assert_metrics_close(_metrics(one), _metrics(sharded), fdpg=fdpg)
+    initial = load_file(str(runs / "model" / "model.safetensors"))
+    _assert_same_update(one, sharded, initial, FDPG_WEIGHT_RTOL if fdpg else WEIGHT_RTOL)
 
 
 @pytest.mark.multiprocess
@@ -355,11 +375,11 @@ def test_accelerate_configs_parse_as_accelerate_reads_them(name, engine):
         assert config.num_machines > 1
 
 
-@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
-def test_sharding_engines_are_refused_by_name_until_the_loop_supports_them(engine):
+@pytest.mark.parametrize("engine", ["DEEPSPEED", "MEGATRON_LM"])
+def test_engines_the_loop_does_not_run_are_refused_by_name(engine):
     with pytest.raises(ProcessGroupError, match=rf"engine {engine} is not supported"):
         check_engine(engine)
-    for supported in ("NO", "MULTI_CPU", "MULTI_GPU"):
+    for supported in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP"):
         check_engine(supported)
 
 
@@ -376,6 +396,36 @@ def test_kltrain_fit_num_processes_starts_that_many_in_one_group(tmp_path):
     command = [sys.executable, "-m", "kltrain", "fit", str(config), "--num-processes", "2"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "kltrain: world_size 2 (MULTI_" in done.stdout  # MULTI_CPU (gloo) or MULTI_GPU
+    assert "kltrain: world_size 2 (engine ddp, " in done.stdout
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["world_size"] == 2
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.multiprocess
+def test_kltrain_fit_with_the_shipped_fsdp_config_runs_fsdp2(tmp_path):
+    """`kltrain fit CONFIG --num-processes 2 --accelerate-config configs/accelerate/fsdp.yaml`
+    on a CPU machine (where Accelerate itself would fall back to MULTI_CPU): an FSDP2 run of
+    world size 2, with the file's bf16 mixed precision, that checkpoints and finishes."""
+    model = str(make_tiny_model_dir(tmp_path / "model"))
+    raw = loop_config_raw(model, tmp_path / "run")
+    raw["trainer"].update({"max_steps": 1, "save_every": 1})
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "TOKENIZERS_PARALLELISM": "false"}
+    fsdp_file = str(ACCELERATE_CONFIGS / "fsdp.yaml")
+    command = [sys.executable, "-m", "kltrain", "fit", str(config), "--num-processes", "2"]
+    command += ["--accelerate-config", fsdp_file]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "kltrain: world_size 2 (engine fsdp2, backend gloo" in done.stdout
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (recorded["world_size"], recorded["engine"]) == (2, "fsdp2")
+    saved = tmp_path / "run" / "checkpoints" / "step-00000001"
+    state = checkpoint.load_state(saved)
+    assert (state["engine"], state["world_size"]) == ("fsdp2", 2)
+    assert len(checkpoint.load_tensors(saved / "optimizer.pt")) == 2  # one state per process
+    final = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    initial = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert final.keys() == initial.keys()  # full weights, not one process's shard
+    assert all(final[k].shape == initial[k].shape for k in final)
+    assert any(not torch.equal(final[k], initial[k]) for k in final)  # it trained

@@ -69,16 +69,26 @@ def save(
     modules: dict[str, torch.nn.Module] | None = None,
     rng: list[dict[str, Any]] | None = None,
     config_text: str | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: Any = None,
 ) -> Path:
-    """Write the checkpoint of ``step`` atomically and prune to the newest ``keep_last``."""
+    """Write the checkpoint of ``step`` atomically and prune to the newest ``keep_last``.
+    ``model_state`` / ``optimizer_state``: what to write in place of ``model.state_dict()`` /
+    ``optimizer.state_dict()`` (a sharded run's gathered weights and per-process states)."""
     root = Path(root)
-    _refuse_non_finite(step, {"model": model, **(modules or {})})
+    weights = model_state if model_state is not None else model.state_dict()
+    _refuse_non_finite(step, {"model": weights, **_states(modules or {})})
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(root)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f"{TMP_PREFIX}{PREFIX}{step:08d}-{os.getpid()}"
+    if optimizer_state is None:
+        optimizer_state = optimizer.state_dict()
     try:
-        _write(tmp, model, optimizer, scheduler, step, states, modules, rng, config_text)
+        _write(tmp, model, model_state, optimizer_state, scheduler, step, states, modules, rng)
+        if config_text is not None:
+            (tmp / "config.yaml").write_text(config_text)
+        _write_durably(tmp / MARKER, "complete\n")
     except (OSError, RuntimeError) as err:  # disk full (torch.save says RuntimeError): the
         # half-written folder goes, the previous checkpoint stays
         shutil.rmtree(tmp, ignore_errors=True)
@@ -95,33 +105,35 @@ def save(
     return final
 
 
-def _write(tmp, model, optimizer, scheduler, step, states, modules, rng, config_text) -> None:
-    """Every file of a checkpoint into ``tmp``, the ``COMPLETE`` marker last."""
+def _write(tmp, model, model_state, optimizer_state, scheduler, step, states, modules, rng) -> None:
+    """Every file of a checkpoint but the config and the ``COMPLETE`` marker into ``tmp``."""
     tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
+    given = {} if model_state is None else {"state_dict": model_state}
+    model.save_pretrained(tmp / "model", safe_serialization=True, **given)
     if modules:
         (tmp / "modules").mkdir()
         for name, module in modules.items():
             # save_model: a module with tied weights (a model copy) is stored once per storage
             safetensors.torch.save_model(module, str(tmp / "modules" / f"{name}.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     plain, tensors = split_tensors({"step": step, **states})
     if tensors:
         torch.save(tensors, tmp / STATE_TENSORS)
     (tmp / "state.json").write_text(json.dumps(plain, indent=1))
     (tmp / "rng.json").write_text(json.dumps(rng or []))
-    if config_text is not None:
-        (tmp / "config.yaml").write_text(config_text)
-    _write_durably(tmp / MARKER, "complete\n")
 
 
-def _refuse_non_finite(step: int, modules: dict[str, torch.nn.Module]) -> None:
+def _states(modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: module.state_dict() for name, module in modules.items()}
+
+
+def _refuse_non_finite(step: int, states: dict[str, dict[str, torch.Tensor]]) -> None:
     """A checkpoint holding NaN or ±inf weights would be resumed into a dead run: never write
     one (so none is ever marked complete). A NaN or ±inf anywhere makes a tensor's fp32 sum
     non-finite (one pass, no temporary of the tensor's size)."""
-    for owner, module in modules.items():
-        for name, tensor in module.state_dict().items():
+    for owner, state in states.items():
+        for name, tensor in state.items():
             if tensor.is_floating_point() and not bool(tensor.sum(dtype=torch.float32).isfinite()):
                 raise CheckpointError(
                     f"refusing to save the checkpoint of step {step}: {owner} tensor {name} "

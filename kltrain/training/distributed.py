@@ -23,6 +23,7 @@ from torch import Tensor
 
 from kltrain.config import ConfigError, RunConfig
 from kltrain.rl.reduction import Reduced, finish
+from kltrain.training import fsdp
 
 #: Environment variables through which launchers announce the number of processes they started
 #: (torchrun/Accelerate: WORLD_SIZE; MPI launchers: the others, as Accelerate reads them).
@@ -46,24 +47,38 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     acc = Accelerator(cpu=use_cpu(cfg.trainer.device), log_with=log_with)
     check_process_group(acc.num_processes, launched_world_size())
     check_engine(acc.distributed_type.value)
+    if fsdp.requested() and acc.num_processes == 1 and not dist.is_initialized():
+        raise ProcessGroupError(
+            "the Accelerate config asks for FSDP but this is one process without a process "
+            "group: launch 2 or more (`kltrain fit CONFIG --num-processes N --accelerate-config "
+            "configs/accelerate/fsdp.yaml`), or drop the FSDP config to train on one process"
+        )
     return acc
 
 
-#: Accelerate engines the loop runs on: none (1 process) and DDP (CPU gloo / GPU NCCL).
-SUPPORTED_ENGINES = ("NO", "MULTI_CPU", "MULTI_GPU")
+#: Accelerate engines the loop runs on: none (1 process), DDP (CPU gloo / GPU NCCL) and FSDP
+#: (version 2; also asked for on a CPU machine, where Accelerate reports MULTI_CPU).
+SUPPORTED_ENGINES = ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP")
 
 
 def check_engine(distributed_type: str) -> None:
-    """Refuse FSDP / DeepSpeed (and anything else) before they shard the policy: the chunked
-    lm_head path reads the lm_head weight outside ``forward``, which those engines hand out as a
-    shard, and generation, scoring and checkpoints are not wired to gather it yet."""
+    """Refuse DeepSpeed (and anything else) before it shards the policy: the chunked lm_head
+    path reads the lm_head weight outside ``forward``, which ZeRO-3 hands out partitioned, and
+    generation, scoring and checkpoints are not wired to gather it."""
     if distributed_type not in SUPPORTED_ENGINES:
         raise ProcessGroupError(
             f"Accelerate engine {distributed_type} is not supported by kltrain's loop yet "
             f"(supported: {', '.join(SUPPORTED_ENGINES)}); launch with "
-            f"configs/accelerate/ddp.yaml or multinode.yaml (data parallel), or "
+            f"configs/accelerate/ddp.yaml, fsdp.yaml or multinode.yaml, or "
             f"`kltrain fit CONFIG --num-processes N`"
         )
+
+
+def engine(acc: Accelerator) -> str:
+    """The engine this run trains with: ``fsdp2``, ``ddp`` or ``none`` (one process)."""
+    if acc.num_processes > 1 and (fsdp.requested() or acc.distributed_type.value == "FSDP"):
+        return "fsdp2"
+    return "ddp" if acc.num_processes > 1 else "none"
 
 
 def launched_world_size() -> int:
@@ -90,28 +105,36 @@ def describe(acc: Accelerator) -> str:
     """One console line: the world size, backend and device of this run."""
     backend = acc.state.backend if acc.num_processes > 1 else "none"
     return (
-        f"kltrain: world_size {acc.num_processes} ({acc.distributed_type.value}, backend "
+        f"kltrain: world_size {acc.num_processes} (engine {engine(acc)}, backend "
         f"{backend}, device {acc.device.type})"
     )
 
 
-def launch_command(num_processes: int, argv: list[str], port: int | None = None) -> list[str]:
+def launch_command(
+    num_processes: int,
+    argv: list[str],
+    port: int | None = None,
+    accelerate_config: str | None = None,
+) -> list[str]:
     """The command ``kltrain fit --num-processes N`` runs: Accelerate's multi-process launcher
     (torchrun underneath; ``--multi_gpu`` is its name for it, on a CPU machine the processes form
-    a gloo group), each process running ``python -m kltrain`` with ``argv`` (the flag removed)."""
+    a gloo group), each process running ``python -m kltrain`` with ``argv`` (the flags removed).
+    With ``accelerate_config`` (e.g. configs/accelerate/fsdp.yaml) the engine and precision are
+    that file's; ``num_processes`` still overrides its count."""
+    engine_args = (
+        ["--config_file", accelerate_config]
+        if accelerate_config
+        else ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    )
     return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
+        *engine_args,
         "--num_processes",
         str(num_processes),
         "--num_machines",
         "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
         "--main_process_port",
         str(port or free_port()),
         "-m",
@@ -161,12 +184,17 @@ class PolicyHidden(torch.nn.Module):
         return self._hidden_fn(self.policy, input_ids, attention_mask, prompt_length)
 
 
-def prepare_policy(acc: Accelerator, policy_hidden: PolicyHidden) -> torch.nn.Module:
+def prepare_policy(
+    acc: Accelerator, policy_hidden: PolicyHidden, settings: fsdp.Fsdp2Settings | None = None
+) -> torch.nn.Module:
     """``accelerator.prepare`` the training forward: unchanged on one process (bit-exact with
     calling the policy directly), DDP over the process group otherwise, its gradient buckets
     all-reduced with a SUM (the losses are already divided by the step's global token count, so
     the processes' gradients add up to the global one; DDP's default would divide by the world
-    size)."""
+    size). With FSDP2 ``settings``: sharded in place (:func:`fsdp.shard`, gradients SUMMED too)."""
+    if settings is not None:
+        shard_and_init(policy_hidden, settings, acc.device)
+        return policy_hidden
     prepared = acc.prepare(policy_hidden)
     if isinstance(prepared, torch.nn.parallel.DistributedDataParallel):
         prepared.register_comm_hook(state=None, hook=_sum_hook)
@@ -180,9 +208,27 @@ def _sum_hook(state, bucket):  # no annotations: DDP compares them as objects, n
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
+def shard_and_init(
+    hidden: PolicyHidden, settings: fsdp.Fsdp2Settings, device: torch.device
+) -> None:
+    """FSDP2-shard a :class:`PolicyHidden` root (the policy's, or the reference's, which is then
+    never trained) and run its first forward, a one-token one: torch picks the root unit at the
+    first forward, and generation and scoring call the model inside the root, not the root."""
+    fsdp.shard(hidden, hidden.policy, settings)
+    one = torch.ones(1, 1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        hidden(one, one, 1)
+    # the root keeps its parameters gathered after a forward: free them, so that the module's
+    # registered parameters (what the optimizer is given) are the shards
+    hidden.reshard()
+
+
 def sync_context(model: torch.nn.Module, sync: bool) -> AbstractContextManager:
-    """``no_sync`` for every micro-batch of an optimizer step but the last: DDP then reduces the
-    accumulated gradient once, bucketed and overlapped with the last backward."""
+    """For every micro-batch of an optimizer step but the last: DDP's ``no_sync`` (it then
+    reduces the accumulated gradient once, bucketed and overlapped with the last backward), or
+    FSDP2's gradient-sync switch (one reduce-scatter of the accumulated gradient)."""
+    if fsdp.is_sharded(model):
+        return fsdp.gradient_sync(model, sync)
     if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return nullcontext()
     return model.no_sync()

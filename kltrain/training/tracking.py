@@ -71,8 +71,10 @@ class RunLogger:
         first_step: int = 0,
         run_id: str | None = None,
         world_size: int = 1,
+        engine: str = "none",
     ) -> None:
-        """``world_size``: the number of processes in the run, recorded in config.yaml."""
+        """``world_size`` and ``engine`` (none, ddp, fsdp2): the number of processes in the run
+        and how they share the work, recorded in config.yaml."""
         if not self.main:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +87,7 @@ class RunLogger:
             "versions": library_versions(),
             "gradient_followed": followed,
             "world_size": world_size,
+            "engine": engine,
         }
         (self.dir / "config.yaml").write_text(to_yaml(self.cfg, extra))
         print(

@@ -18,6 +18,7 @@ import math
 import secrets
 import time
 from collections import defaultdict
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 from kltrain.algorithms import TrainBatch, make_algorithm
@@ -50,7 +52,7 @@ from kltrain.rewards import RewardFunction
 from kltrain.rl.coef import make_coef
 from kltrain.rl.reduction import max_of
 from kltrain.rollout import Rollout, completion_hidden, measure, sample_rollout, tempered
-from kltrain.training import checkpoint, distributed, preemption, run_folder
+from kltrain.training import checkpoint, distributed, fsdp, preemption, run_folder
 from kltrain.training.tracking import RunLogger, StepResult
 
 #: Per-token statistics summed inside the lm_head kernel over this process's tokens (each
@@ -112,6 +114,7 @@ class Trainer:
         self.cfg = cfg
         self.accelerator = accelerator or distributed.make_accelerator(cfg)
         acc = self.accelerator
+        self.engine = distributed.engine(acc)
         if acc.is_main_process:
             print(distributed.describe(acc), flush=True)
         set_seed(cfg.seed, device_specific=True)  # per-process RNG (dropout); sampling: per sample
@@ -152,13 +155,13 @@ class Trainer:
         )
         for module in self._algorithm_modules().values():
             module.to(acc.device)
-        groups = self._param_groups()
+        if resume_from is not None:  # before any sharding: the files hold the full weights
+            self._check_config(resume_from, allow_config_change)
+            checkpoint.load_model(resume_from, self.models.policy)
+            checkpoint.load_modules(resume_from, self._algorithm_modules())
+        self._prepare_models()
+        groups = self._param_groups()  # after sharding: the optimizer holds the shards
         self.params = [p for group in groups for p in group["params"]]
-        # the policy's training forward goes through the engine (DDP: bucketed gradient SUM);
-        # the algorithm's own trainable modules are reduced in one collective per update
-        self.policy_forward = distributed.prepare_policy(
-            acc, distributed.PolicyHidden(self.models.policy, completion_hidden)
-        )
         self.module_params = [p for group in groups[1:] for p in group["params"]]
         self.minibatch_generator = torch.Generator().manual_seed(cfg.seed)
         self.optimizer = torch.optim.AdamW(
@@ -186,7 +189,7 @@ class Trainer:
         self._before_step: dict[str, Any] | None = None
         self.resumed_from = resume_from
         if resume_from is not None:
-            self._restore(resume_from, allow_config_change)
+            self._restore(resume_from)
         if acc.is_main_process:  # every check passed: only now is anything in the folder moved
             self._set_aside_abandoned(resume_from, restart=bool(resume) and not overwrite)
         acc.wait_for_everyone()
@@ -216,6 +219,35 @@ class Trainer:
             names = ", ".join(p.name for p in moved if not p.exists())
             print(f"kltrain: moved the abandoned timeline's {names} to {dest}", flush=True)
 
+    def _prepare_models(self) -> None:
+        """The policy's training forward goes through the engine (DDP: bucketed gradient SUM;
+        FSDP2: the policy and a separate reference sharded, gradients reduce-scattered as a SUM);
+        the algorithm's own trainable modules (replicated) are reduced in one collective per
+        update."""
+        acc, settings = self.accelerator, None
+        if self.engine == "fsdp2":
+            settings = fsdp.Fsdp2Settings.from_accelerate(acc.mixed_precision)
+            if settings.param_dtype is not None and self.cfg.model.dtype != "fp32":
+                raise ConfigError(
+                    f"mixed_precision: {acc.mixed_precision} (Accelerate config) computes in it "
+                    f"over fp32 master weights; model.dtype is {self.cfg.model.dtype}: set "
+                    "model.dtype: fp32, or mixed_precision: no"
+                )
+        self.policy_forward = distributed.prepare_policy(
+            acc, distributed.PolicyHidden(self.models.policy, completion_hidden), settings
+        )
+        self.reference_forward = None
+        if settings is not None and self.models.reference is not None:
+            self.reference_forward = distributed.PolicyHidden(
+                self.models.reference, completion_hidden
+            )
+            distributed.shard_and_init(self.reference_forward, settings, acc.device)
+
+    def _full_weights(self, blocks: bool = True) -> AbstractContextManager:
+        """Inside: the sharded models' full weights (FSDP2; all processes enter it); a no-op for
+        DDP and one process."""
+        return fsdp.gathered(self.policy_forward, self.reference_forward, blocks=blocks)
+
     def _param_groups(self) -> list[dict[str, Any]]:
         """The policy's trainable parameters at ``trainer.learning_rate``, then the algorithm's
         modules (e.g. PPO's value head) at the algorithm's own rate where it sets one."""
@@ -242,6 +274,7 @@ class Trainer:
             first_step=self.state.step,
             run_id=self.state.wandb_run_id,
             world_size=self.accelerator.num_processes,
+            engine=self.engine,
         )
         try:
             with self.watcher:
@@ -267,7 +300,8 @@ class Trainer:
         clock = _Clock()
         step = self.state.step + 1
         self._before_step = self._capture()
-        rollout = self.make_rollout(clock)
+        with self._full_weights():  # generation and scoring passes read every weight
+            rollout = self.make_rollout(clock)
         self._abandon_if_stopping()
         rewards, reward_metrics = self.score(rollout, step)
         clock.lap("time/score_seconds")
@@ -303,24 +337,26 @@ class Trainer:
         left as they were. f-DPG figures only with one process and an on-policy proposal (their
         estimates reduce across processes; an offline proposal could be replaced)."""
         metrics: dict[str, float] = {}
-        if self.accelerator.is_main_process:
-            fd = self.cfg.algorithm.fdpg
-            on_policy = self.cfg.algorithm.name == "fdpg" and (
-                fd is None or fd.proposal == "policy"
-            )
-            single = self.accelerator.num_processes == 1
-            metrics = evaluate_policy(
-                self.models,
-                self.cfg,
-                training_eval_data(self.cfg, self.full_dataset),
-                samples_per_prompt=self.cfg.algorithm.num_generations,
-                seed=self.cfg.seed,
-                reward_fn=self.reward_fn,
-                algorithm=self.algorithm if on_policy and single else None,
-                progress=False,
-            )
+        with self._full_weights():  # (every process gathers; the main one evaluates)
+            if self.accelerator.is_main_process:
+                metrics = self._evaluate_on_main()
         self.accelerator.wait_for_everyone()
         return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def _evaluate_on_main(self) -> dict[str, float]:
+        fd = self.cfg.algorithm.fdpg
+        on_policy = self.cfg.algorithm.name == "fdpg" and (fd is None or fd.proposal == "policy")
+        single = self.accelerator.num_processes == 1
+        return evaluate_policy(
+            self.models,
+            self.cfg,
+            training_eval_data(self.cfg, self.full_dataset),
+            samples_per_prompt=self.cfg.algorithm.num_generations,
+            seed=self.cfg.seed,
+            reward_fn=self.reward_fn,
+            algorithm=self.algorithm if on_policy and single else None,
+            progress=False,
+        )
 
     # ------------------------------------------------------------------------------------------
     def make_rollout(self, clock: _Clock | None = None) -> Rollout:
@@ -414,9 +450,11 @@ class Trainer:
         sums: dict[str, float] = defaultdict(float)
         skipped = 0
         self._ratio_max = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
-        for rows in self._minibatches(batch.rollout.num_sequences):
-            ok = self._optimizer_step(batch, rows, sums, step)
-            skipped += 0 if ok else 1
+        # a sharded reference's lm_head, read by the exact divergence in the loss: gathered once
+        with fsdp.gathered(self.reference_forward, blocks=False):
+            for rows in self._minibatches(batch.rollout.num_sequences):
+                ok = self._optimizer_step(batch, rows, sums, step)
+                skipped += 0 if ok else 1
         passes = algo.epochs * algo.num_minibatches
         for key in LOCAL_TOKEN_SUMS:  # this process's tokens only: add up the processes
             sums[key] = self._sum_across(sums[key])
@@ -547,8 +585,10 @@ class Trainer:
         grads = [p for p in self.params if p.grad is not None]
         if not grads:
             return 0.0
-        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm else float("inf"))
-        return float(norm)
+        limit = max_norm if max_norm else float("inf")
+        if self.engine == "fsdp2":  # sharded gradients: the norm is reduced over processes
+            return fsdp.clip_gradients([p.grad for p in grads], limit)
+        return float(torch.nn.utils.clip_grad_norm_(grads, limit))
 
     def _sum_across(self, value: Tensor | float) -> float:
         t = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device)
@@ -607,11 +647,18 @@ class Trainer:
         the optimizer): stop before they are sampled from or saved. Cheap: one fp32 sum per
         tensor (a NaN or ±inf anywhere makes it non-finite; no weight is large enough to overflow
         an fp32 sum), one device sync; the per-element search runs only on failure."""
-        sums = torch.stack([p.detach().sum(dtype=torch.float32) for p in self.params])
-        if bool(sums.isfinite().all()):
+        local = [fsdp.local(p.detach()) for p in self.params]  # sharded: this process's part
+        sums = torch.stack([p.sum(dtype=torch.float32) for p in local])
+        finite = bool(sums.isfinite().all())
+        if self.engine == "fsdp2":  # every process must take the same branch
+            finite = self._sum_across(0.0 if finite else 1.0) == 0.0
+        if finite:
             return
         names = {id(p): n for n, p in self.models.policy.named_parameters()}
-        bad = next(p for p in self.params if not bool(torch.isfinite(p).all()))
+        bad = next(
+            (p for p, t in zip(self.params, local, strict=True) if not bool(t.isfinite().all())),
+            self.params[0],  # (on another process)
+        )
         raise TrainingStopped(
             f"step {step}: the optimizer update made the weights non-finite (first: "
             f"{names.get(id(bad), 'an algorithm module parameter')}, model.dtype="
@@ -641,11 +688,20 @@ class Trainer:
         rng = [captured["rng"]]
         if self.accelerator.num_processes > 1:
             rng = gather_object(rng)
+        model_state = optimizer_state = None
+        if self.engine == "fsdp2":  # collectives: full weights, every process's optimizer shard
+            model_state = fsdp.full_state_dict(self.models.policy)
+            optimizer_state = gather_object([fsdp.local_optimizer_state(self.optimizer)])
         self.accelerator.wait_for_everyone()
         self._saved_step = captured["step"]
         if not self.accelerator.is_main_process:
             return None
         extra = {"gradient_followed": self.regulariser.gradient.key}
+        states = {
+            **captured["states"],
+            "world_size": self.accelerator.num_processes,
+            "engine": self.engine,
+        }
         return checkpoint.save(
             self.output_dir / "checkpoints",
             step=captured["step"],
@@ -653,10 +709,12 @@ class Trainer:
             modules=self._algorithm_modules(),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            states={**captured["states"], "world_size": self.accelerator.num_processes},
+            states=states,
             rng=rng,
             config_text=to_yaml(self.cfg, extra),
             keep_last=self.cfg.trainer.keep_last,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
         )
 
     def _capture(self) -> dict[str, Any]:
@@ -679,13 +737,17 @@ class Trainer:
             "rng": checkpoint.capture_rng(),
         }
 
-    def _restore(self, path: Path, allow_config_change: bool) -> None:
-        """Load a complete checkpoint over the freshly built trainer."""
+    def _restore(self, path: Path) -> None:
+        """Load a complete checkpoint over the freshly built trainer (its weights are already
+        loaded: before sharding)."""
         state = checkpoint.load_state(path)
-        self._check_config(path, state, allow_config_change)
-        checkpoint.load_model(path, self.models.policy)
-        checkpoint.load_modules(path, self._algorithm_modules())
-        self.optimizer.load_state_dict(checkpoint.load_tensors(path / "optimizer.pt"))
+        optimizer_state = checkpoint.load_tensors(path / "optimizer.pt")
+        if self.engine == "fsdp2":  # one state per process, of its shards
+            fsdp.load_local_optimizer_state(
+                self.optimizer, optimizer_state[self.accelerator.process_index]
+            )
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(checkpoint.load_tensors(path / "scheduler.pt"))
         self.sampler.load_state_dict(state["sampler"])
         self.coef.load_state_dict(state["coef"])
@@ -703,12 +765,23 @@ class Trainer:
         if self.accelerator.is_main_process:
             print(f"kltrain: resumed from {path} (step {self.state.step})", flush=True)
 
-    def _check_config(self, path: Path, state: dict[str, Any], allow: bool) -> None:
+    def _check_config(self, path: Path, allow: bool) -> None:
+        state = checkpoint.load_state(path)
         saved = checkpoint.load_config_dict(path) or {}
         changes = checkpoint.config_changes(saved, self.cfg.model_dump(mode="json"))
         world = state.get("world_size", 1)
         if world != self.accelerator.num_processes:
             changes.append(f"processes: {world} → {self.accelerator.num_processes}")
+        saved_engine = state.get("engine", "none" if world == 1 else "ddp")
+        sharded = "fsdp2" in (saved_engine, self.engine)
+        if sharded and (saved_engine, world) != (self.engine, self.accelerator.num_processes):
+            # the optimizer state is stored per process, of its shards: no resharding
+            raise checkpoint.CheckpointError(
+                f"{path} was written by {world} processes with engine {saved_engine}; this run "
+                f"is {self.accelerator.num_processes} with engine {self.engine}. An FSDP2 "
+                "checkpoint's optimizer state is per process: resume it with the same engine "
+                "and process count (its model/ folder holds the full weights for a new run)"
+            )
         if not changes:
             return
         listing = "\n  ".join(changes)
@@ -746,10 +819,12 @@ class Trainer:
         raise preemption.Preempted(signum, step, str(where), requeued)
 
     def save_final(self) -> None:
+        weights = fsdp.full_state_dict(self.models.policy) if self.engine == "fsdp2" else None
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             final = self.output_dir / "final"
-            self.models.policy.save_pretrained(final, safe_serialization=True)
+            given = {} if weights is None else {"state_dict": weights}
+            self.models.policy.save_pretrained(final, safe_serialization=True, **given)
             self.models.tokenizer.save_pretrained(final)
             for name, module in self.algorithm.modules().items():
                 save_file(module.state_dict(), str(final / f"{name}.safetensors"))
@@ -808,7 +883,11 @@ def _fused_adamw(groups: list[dict[str, Any]]) -> bool | None:
     optimizer step is otherwise over a second of each update). None (torch's default) elsewhere."""
     params = [p for group in groups for p in group["params"]]
     fusable = {"cpu", "cuda", "mps", "xpu"}
-    ok = bool(params) and all(p.is_floating_point() and p.device.type in fusable for p in params)
+    # (not over FSDP2's DTensor shards: torch's fused CPU kernel crashed on them, torch 2.13)
+    ok = bool(params) and all(
+        p.is_floating_point() and p.device.type in fusable and not isinstance(p, DTensor)
+        for p in params
+    )
     return True if ok else None
 
 

@@ -209,16 +209,36 @@ def write_config(
     return path
 
 
+#: What ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` tells each process
+#: (Accelerate turns the file's keys into these variables), for torchrun launches in tests:
+#: FSDP2, full shard, one unit per decoder block of the tiny Llama, no mixed precision (fp32 on
+#: CPU, so that runs compare with the unsharded ones at fp32 reduction-order bounds).
+FSDP2_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_RESHARD_AFTER_FORWARD": "true",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer",
+    "ACCELERATE_MIXED_PRECISION": "no",
+}
+
+
 def run_processes(
-    argv: list[str], nproc: int, kill: dict | None = None, log: Path | None = None
+    argv: list[str],
+    nproc: int,
+    kill: dict | None = None,
+    log: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> int:
     """``kltrain fit`` on ``nproc`` processes (torchrun, gloo on CPU), every process installing
     the same kill hook (as a whole job dying at once: a node lost, a SIGKILL of the job); the
-    launcher's exit code (non-zero when its processes were killed)."""
+    launcher's exit code (non-zero when its processes were killed). ``env``: added to each
+    process's environment (e.g. :data:`FSDP2_ENV`)."""
     from kltrain.training.distributed import free_port
 
     request = json.dumps({"argv": argv, "kill": kill, "log": str(log) if log else None})
-    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "OMP_WAIT_POLICY": "PASSIVE"}
+    extra = env or {}
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "OMP_WAIT_POLICY": "PASSIVE", **extra}
     env["TOKENIZERS_PARALLELISM"] = "false"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     command += ["--master_port", str(free_port()), "-m", "tests.helpers.resume_runs", "--direct"]
