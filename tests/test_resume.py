@@ -36,6 +36,7 @@ from kltrain.training.preemption import EXIT_PREEMPTED
 from kltrain.training.trainer import Trainer
 from tests.conftest import read_jsonl, read_metrics
 from tests.helpers.resume_runs import (
+    FSDP2_ENV,
     REPO,
     Zygote,
     child_pythonpath,
@@ -342,6 +343,41 @@ def test_two_processes_resume_bit_exact_after_sigkill_and_refuse_another_world_s
     _, reply = fit(env, "w2", resume=True)  # 1 process
     assert reply["rc"] == 2
     assert "processes: 2 → 1" in (env["root"] / "w2.log").read_text()
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_resume_is_bit_exact_after_sigkill_and_refused_on_another_engine(env):
+    """FSDP2 on 2 processes: killed inside step 5, resumed from step 3's checkpoint (full
+    weights, each process's optimizer shard, every RNG), it ends bit for bit where the
+    uninterrupted FSDP2 run ends. The same checkpoint on 2 DDP processes is refused, naming the
+    engines (its optimizer state is per process, of the shards)."""
+
+    def fit2(name: str, kill=None, resume=False, engine_env=FSDP2_ENV) -> tuple[Path, int]:
+        out = env["root"] / name
+        cfg = write_config(
+            env["root"] / f"{name}.yaml", env["model"], env["prompts"], out, trainer=SIX_STEPS
+        )
+        argv = ["fit", str(cfg)] + (["--resume"] if resume else [])
+        log = env["root"] / f"{name}.log"
+        return out, run_processes(argv, 2, kill, log=log, env=engine_env)
+
+    ref, rc = fit2("fsdp_ref")
+    assert rc == 0, (env["root"] / "fsdp_ref.log").read_text()[-4000:]
+    run, rc = fit2("fsdp", {"at": "step", "step": 5})
+    assert rc != 0
+    assert checkpoint.latest(run / "checkpoints").name == "step-00000003"
+    run, rc = fit2("fsdp", resume=True)
+    assert rc == 0, (env["root"] / "fsdp.log").read_text()[-4000:]
+    assert_same_run(ref, run, last=6)
+    _, rc = fit2("fsdp", resume=True, engine_env={})
+    assert rc != 0
+    assert (
+        "with engine fsdp2; this run is 2 with engine ddp" in (env["root"] / "fsdp.log").read_text()
+    )
+
+
+#: A shorter run for the FSDP2 resume test: checkpoints at steps 3 and 6.
+SIX_STEPS = {"max_steps": 6, "keep_last": 2}
 
 
 def assert_same_run(ref: Path, run: Path, last: int = 12) -> None:
