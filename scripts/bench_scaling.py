@@ -4,6 +4,12 @@ GPUs), on a random Llama-shaped model (no download).
 
     python scripts/bench_scaling.py --quick          # ~2-3 min on a 2-core CPU
     python scripts/bench_scaling.py --processes 1 2 4 --steps 8 --hidden 512 --layers 8
+    python scripts/bench_scaling.py --quick --fsdp2  # also every N > 1 under FSDP2
+
+Under FSDP2, "gather" is the wall time of the whole-model gathers kltrain makes around each
+rollout (generation and the scoring passes run on full weights) and evaluation; the per-block
+gathers inside the training forward and backward and the lm_head gather (once per micro-batch,
+by the root unit's forward) are FSDP's own and show only through the step time.
 
 The same global batch runs at every world size (the runs are the same run, tests/
 test_world_size.py), so the ratio of step times is the scaling. "comm" is the wall time spent in
@@ -59,10 +65,28 @@ def _time_collectives(box: dict) -> None:
         setattr(dist, name, timed)
 
 
+def _time_gathers(box: dict) -> None:
+    """Add the wall time of FSDPModule.unshard (kltrain's explicit whole-model gathers) to
+    box["gather"]."""
+    from torch.distributed.fsdp import FSDPModule
+
+    original = FSDPModule.unshard
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            box["gather"] += time.perf_counter() - start
+
+    FSDPModule.unshard = timed
+
+
 def worker(config: str, result: str) -> None:
     """One process of a run: train, then write (rank 0) the measurements."""
-    box = {"comm": 0.0}
+    box = {"comm": 0.0, "gather": 0.0}
     _time_collectives(box)
+    _time_gathers(box)
     import torch
     from accelerate.utils import gather_object
 
@@ -72,34 +96,37 @@ def worker(config: str, result: str) -> None:
     trainer = Trainer(load_config(config))
     steps: list[float] = []
     comm: list[float] = []
+    gather: list[float] = []
     original = trainer.train_step
 
     def train_step():
-        box["comm"] = 0.0
+        box["comm"] = box["gather"] = 0.0
         start = time.perf_counter()
         out = original()
         steps.append(time.perf_counter() - start)
         comm.append(box["comm"])
+        gather.append(box["gather"])
         return out
 
     trainer.train_step = train_step
     trainer.fit()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
     cuda_peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    rows = [(peak_rss, cuda_peak, steps, comm)]
+    rows = [(peak_rss, cuda_peak, steps, comm, gather)]
     acc = trainer.accelerator
     if acc.num_processes > 1:
         rows = gather_object(rows)
     if acc.is_main_process:
-        Path(result).write_text(json.dumps({"world_size": acc.num_processes, "ranks": rows}))
+        data = {"world_size": acc.num_processes, "engine": trainer.engine, "ranks": rows}
+        Path(result).write_text(json.dumps(data))
 
 
-def _config(args, root: Path, model: Path, world: int) -> Path:
+def _config(args, root: Path, model: Path, tag: str) -> Path:
     import yaml
 
     from tests.helpers.tiny import loop_config_raw
 
-    raw = loop_config_raw(str(model), root / f"run-w{world}")
+    raw = loop_config_raw(str(model), root / f"run-{tag}")
     raw["seed"] = 3
     raw["generation"] = {"max_new_tokens": args.new_tokens}  # (min_new_tokens > 0 is refused)
     raw["trainer"].update(
@@ -111,13 +138,16 @@ def _config(args, root: Path, model: Path, world: int) -> Path:
             "device": args.device,
         }
     )
-    path = root / f"config-w{world}.yaml"
+    path = root / f"config-{tag}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
-def _run(args, root: Path, model: Path, world: int) -> dict:
-    config, result = _config(args, root, model, world), root / f"result-w{world}.json"
+def _run(args, root: Path, model: Path, world: int, fsdp2: bool = False) -> dict:
+    from tests.helpers.resume_runs import FSDP2_ENV
+
+    tag = f"w{world}" + ("-fsdp2" if fsdp2 else "")
+    config, result = _config(args, root, model, tag), root / f"result-{tag}.json"
     me = [str(Path(__file__).resolve()), "--worker", str(config), str(result)]
     if world == 1:
         command = [sys.executable, *me]
@@ -128,10 +158,12 @@ def _run(args, root: Path, model: Path, world: int) -> dict:
         command += ["--master_port", str(free_port()), *me]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
     env["TOKENIZERS_PARALLELISM"] = "false"
-    with open(root / f"log-w{world}.txt", "w") as log:
+    if fsdp2:
+        env.update(FSDP2_ENV)
+    with open(root / f"log-{tag}.txt", "w") as log:
         subprocess.run(command, env=env, stdout=log, stderr=log, check=True, cwd=REPO)
     data = json.loads(result.read_text())
-    metrics = [json.loads(x) for x in (root / f"run-w{world}" / "metrics.jsonl").open()]
+    metrics = [json.loads(x) for x in (root / f"run-{tag}" / "metrics.jsonl").open()]
     return _summary(args, data, metrics)
 
 
@@ -139,16 +171,19 @@ def _summary(args, data: dict, metrics: list[dict]) -> dict:
     ranks = data["ranks"]
     steps = [max(r[2][i] for r in ranks) for i in range(len(ranks[0][2]))][1:]  # slowest rank
     comm = [max(r[3][i] for r in ranks) for i in range(len(ranks[0][3]))][1:]
+    gather = [max(r[4][i] for r in ranks) for i in range(len(ranks[0][4]))][1:]
     sequences = args.prompts * 2  # num_generations 2
     tokens = [m["completion/length"] * sequences for m in metrics][1:]
     step = sum(steps) / len(steps)
     return {
         "world_size": data["world_size"],
+        "engine": data["engine"],
         "step_seconds": step,
         "tokens_per_second": sum(tokens) / sum(steps),
         "peak_rss_gib_per_process": max(r[0] for r in ranks),
         "peak_cuda_gib_per_process": max(r[1] for r in ranks),
         "comm_share": sum(comm) / sum(steps),
+        "gather_share": sum(gather) / sum(steps),
     }
 
 
@@ -164,6 +199,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per process")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--fsdp2", action="store_true", help="also run every N > 1 under FSDP2")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -177,20 +213,27 @@ def main() -> None:
         root = Path(tmp)
         model = make_tiny_model_dir(root / "model", hidden=args.hidden, layers=args.layers)
         results = [_run(args, root, model, world) for world in args.processes]
+        if args.fsdp2:
+            results += [_run(args, root, model, w, fsdp2=True) for w in args.processes if w > 1]
     base = results[0]["step_seconds"]
     print(
         f"model: random Llama hidden {args.hidden} × {args.layers} layers; {args.prompts} prompts "
         f"× 2 samples × {args.new_tokens} tokens per step; {args.steps} steps (first left out); "
         f"{args.threads} thread(s) per process"
     )
-    print("| processes | step s | tokens/s | peak RSS GiB/proc | peak CUDA GiB | comm | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| processes | engine | step s | tokens/s | peak RSS GiB/proc | peak CUDA GiB | comm "
+        "| gather | speed-up |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {r['world_size']} | {r['step_seconds']:.3f} | {r['tokens_per_second']:.1f} | "
-            f"{r['peak_rss_gib_per_process']:.2f} | {r['peak_cuda_gib_per_process']:.2f} | "
-            f"{100 * r['comm_share']:.1f}% | {base / r['step_seconds']:.2f}× |"
+            f"| {r['world_size']} | {r['engine']} | {r['step_seconds']:.3f} | "
+            f"{r['tokens_per_second']:.1f} | {r['peak_rss_gib_per_process']:.2f} | "
+            f"{r['peak_cuda_gib_per_process']:.2f} | {100 * r['comm_share']:.1f}% | "
+            f"{100 * r['gather_share']:.1f}% | {base / r['step_seconds']:.2f}× |"
         )
+        print(json.dumps(r))
 
 
 if __name__ == "__main__":
