@@ -126,6 +126,12 @@ RUNS = {
         },
         True,
     ),
+    # LoRA: one model serves policy and reference (adapters disabled); the adapters' random
+    # init must be process 0's on every process (FSDP2 shards each process's own copy)
+    "rloo_lora": (
+        {"model": {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}},
+        True,
+    ),
     # sampled k1 in the reward (reward-to-go), adaptive β
     "rloo_k1_reward": (
         {"kl": {"estimator": "k1", "placement": "reward", "adaptive": {"target": 1, "horizon": 5}}},
@@ -201,7 +207,8 @@ def _token_ids(run: Path) -> list[dict]:
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "final" / "model.safetensors"))
+    adapter = run / "final" / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.exists() else run / "final" / "model.safetensors"))
 
 
 def _assert_metrics_close(a: list[dict], b: list[dict], fdpg: bool = False) -> None:
@@ -225,6 +232,8 @@ def _assert_same_update(
     a: Path, b: Path, initial: dict[str, torch.Tensor], rtol: float = WEIGHT_RTOL
 ) -> None:
     wa, wb = _weights(a), _weights(b)
+    if "lora_B" in " ".join(wa):  # LoRA: B starts at 0, so B is the update (A's start is random)
+        initial = {k: torch.zeros_like(v) for k, v in wa.items() if "lora_B" in k}
     da = torch.cat([(wa[k].double() - initial[k].double()).flatten() for k in sorted(initial)])
     db = torch.cat([(wb[k].double() - initial[k].double()).flatten() for k in sorted(initial)])
     assert da.norm() > 0  # the runs trained

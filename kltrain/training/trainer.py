@@ -18,7 +18,8 @@ import math
 import secrets
 import time
 from collections import defaultdict
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,8 @@ class Trainer:
         self.regulariser = build_regulariser(cfg.kl, optimizer_steps_per_batch(cfg))
         prompts_per_process(cfg, acc.num_processes)  # the step's prompts split evenly: check now
         _check_minibatches(cfg, acc.num_processes)
-        self.models: Models = load_models(cfg.model)
+        with _process_zero_random_init(cfg.seed, acc.process_index):
+            self.models: Models = load_models(cfg.model)
         self.models.policy.to(acc.device)
         if self.models.reference is not None:
             self.models.reference.to(acc.device)
@@ -852,6 +854,23 @@ def _every(every: int, step: int) -> bool:
 
 def _due(every: int, step: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
+
+
+def _process_zero_random_init(seed: int, process_index: int) -> AbstractContextManager:
+    """Inside: the random parts of a model built from files (LoRA's A matrices) come out as on
+    process 0, whose generator ``set_seed(seed, device_specific=True)`` seeded with ``seed``.
+    DDP would broadcast process 0's weights anyway; FSDP2 shards each process's own copy, so
+    without this a LoRA policy would start as a mix of the processes' inits."""
+    if process_index == 0:
+        return nullcontext()  # process 0 draws from its own stream: runs stay as they were
+    return _seeded(seed)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _refuse_existing_checkpoints(output_dir: Path) -> None:
