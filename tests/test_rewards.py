@@ -27,6 +27,7 @@ from kltrain.rewards import (
     toy_helpfulness_reward,
     toy_safety_reward,
 )
+from kltrain.rewards.transforms import Whiten
 from tests.conftest import fp32_tol, fp64_tol
 
 H = "helpers.reward_fns:"
@@ -319,6 +320,26 @@ def test_whiten_per_batch():
     assert out.total.tolist() == f32([(x - 2.5) / std for x in (1, 2, 3, 4)])
     _, out = scored([5.0], ["whiten"])
     assert out.total.tolist() == [0.0]
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_whiten_with_gather_takes_every_process_statistics(running):
+    """Three "processes" holding 2, 1 and 0 of the step's valid scores (the gather stands in for
+    the collective, in process order): each whitens against the statistics of all of them,
+    exactly as one process holding every score does; without the gather each whitens its own."""
+    f64 = torch.float64
+    parts = [torch.tensor([1.0, 2.0], dtype=f64), torch.tensor([7.0], dtype=f64), torch.zeros(0)]
+    everything = torch.cat(parts).double()
+    one = Whiten(running=running)
+    expected = one(everything, "all")
+    processes = [Whiten(running=running) for _ in parts]
+    out = [w(x, "part", gather=lambda _x: everything) for w, x in zip(processes, parts)]
+    assert torch.equal(torch.cat(out), expected)
+    if running:  # the same accumulated statistics on every process
+        assert all(w.state_dict() == one.state_dict() for w in processes)
+    alone = Whiten(running=running)(parts[0], "part")  # process 0's own pair: ±1/(1 + eps)
+    assert alone.tolist() == pytest.approx([-1.0, 1.0], rel=1e-7)  # eps = 1e-8
+    assert expected[:2].tolist() != pytest.approx([-1.0, 1.0], rel=0.1)
 
 
 def test_whiten_running_and_state_round_trip():

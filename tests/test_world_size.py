@@ -80,6 +80,8 @@ FDPG_WEIGHT_RTOL = 0.1
 #: process stepping on its own half) gives an O(1) relative difference.
 WEIGHT_RTOL = 4096 * 2.0**-24
 
+LETTER_E = "tests.helpers.loop_rewards:letter_e_count"
+
 #: name → (sections, whether the 2-process launch runs it too)
 RUNS = {
     # exact reverse KL in the loss; micro-batch 2: 1 process × 4 micro-batches vs 2 × 2
@@ -132,9 +134,17 @@ RUNS = {
         {"model": {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}},
         True,
     ),
-    # sampled k1 in the reward (reward-to-go), adaptive β
+    # sampled k1 in the reward (reward-to-go), adaptive β, the reward whitened over the step's
+    # samples of every process
     "rloo_k1_reward": (
-        {"kl": {"estimator": "k1", "placement": "reward", "adaptive": {"target": 1, "horizon": 5}}},
+        {
+            "kl": {
+                "estimator": "k1",
+                "placement": "reward",
+                "adaptive": {"target": 1, "horizon": 5},
+            },
+            "reward": {"terms": [{"name": LETTER_E, "transforms": ["whiten"]}]},
+        },
         True,
     ),
 }

@@ -45,7 +45,7 @@ from kltrain.rewards.builtin import builtin_rewards
 from kltrain.rewards.errors import RewardError
 from kltrain.rewards.reward_model import RewardModel
 from kltrain.rewards.terms import CallableTerm, Llama2Gate, Term, TermContext
-from kltrain.rewards.transforms import Transform, parse_transform
+from kltrain.rewards.transforms import Gather, Transform, parse_transform
 
 
 @dataclass
@@ -180,7 +180,10 @@ class RewardFunction:
         *,
         step: int,
         columns: dict[str, list] | None = None,
+        gather: Gather | None = None,
     ) -> RewardResult:
+        """``gather``: all processes' values of a term (a collective), for the transforms that
+        take statistics (``whiten``); None on one process."""
         n = len(prompts)
         if len(completions) != n:
             raise RewardError(f"{n} prompts but {len(completions)} completions")
@@ -207,7 +210,8 @@ class RewardFunction:
         for term, v, weight, transforms in zip(self.terms, values, self.weights, self.transforms):
             x = v[valid]
             for j, t in enumerate(transforms):
-                x = t(x, f"reward term {term.label!r}, transform {j} ({t.name}), step {step}")
+                where = f"reward term {term.label!r}, transform {j} ({t.name}), step {step}"
+                x = t(x, where, gather)
             out = torch.zeros(n, dtype=torch.float64)
             out[valid] = x
             per_term[term.label] = out.float()

@@ -6,11 +6,16 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 
 from kltrain.rewards.errors import RewardError, check
+
+#: ``[m] → [M]``: every process's valid scores of one term, in global sample order (a
+#: collective: every process calls it, also with ``m = 0``). None: this process holds them all.
+Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Transform(ABC):
@@ -19,8 +24,9 @@ class Transform(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def __call__(self, x: torch.Tensor, where: str) -> torch.Tensor:
-        """``where`` names the term and step for error messages."""
+    def __call__(self, x: torch.Tensor, where: str, gather: Gather | None = None) -> torch.Tensor:
+        """``where`` names the term and step for error messages; a transform with statistics
+        takes them over ``gather(x)`` (all processes' samples), the others ignore it."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -44,7 +50,7 @@ class Logit(Transform):
         check(isinstance(eps, (int, float)) and 0 < eps < 0.5, "logit: eps in (0, 0.5)", eps)
         self.eps = float(eps)
 
-    def __call__(self, x: torch.Tensor, where: str) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, where: str, gather: Gather | None = None) -> torch.Tensor:
         outside = (x < 0) | (x > 1)
         if outside.any():
             i = int(outside.nonzero()[0])
@@ -59,7 +65,8 @@ class Logit(Transform):
 class Whiten(Transform):
     """Standardise: ``(x − mean) / (std + eps)`` (default ``eps = 1e-8``).
 
-    Per batch (default): ``mean``, ``std`` over this call's valid samples, population std
+    Per batch (default): ``mean``, ``std`` over this call's valid samples (of every process,
+    given ``gather``: the statistics are then those one process would compute), population std
     (``ddof = 0``); a batch of one gives 0. With ``running=True``: ``mean``, ``var`` are the
     exact statistics of every valid sample seen so far *including* this batch (count, mean and
     sum of squared deviations merged by Chan et al.'s parallel formula), so the first batch is
@@ -78,14 +85,15 @@ class Whiten(Transform):
         self.mean = 0.0
         self.m2 = 0.0
 
-    def __call__(self, x: torch.Tensor, where: str) -> torch.Tensor:
-        if x.numel() == 0:
+    def __call__(self, x: torch.Tensor, where: str, gather: Gather | None = None) -> torch.Tensor:
+        pool = x if gather is None else gather(x)  # the same statistics on every process
+        if pool.numel() == 0:
             return x
         if not self.running:
-            return (x - x.mean()) / (x.std(unbiased=False) + self.eps)
-        n_b = x.numel()
-        mean_b = float(x.mean())
-        m2_b = float(((x - mean_b) ** 2).sum())
+            return (x - pool.mean()) / (pool.std(unbiased=False) + self.eps)
+        n_b = pool.numel()
+        mean_b = float(pool.mean())
+        m2_b = float(((pool - mean_b) ** 2).sum())
         n = self.count + n_b
         delta = mean_b - self.mean
         self.mean += delta * n_b / n
@@ -124,7 +132,7 @@ class Clip(Transform):
             raise RewardError(f"clip: min={min} is greater than max={max}")
         self.min, self.max = min, max
 
-    def __call__(self, x: torch.Tensor, where: str) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, where: str, gather: Gather | None = None) -> torch.Tensor:
         return x.clamp(min=self.min, max=self.max)
 
 
@@ -139,7 +147,7 @@ class Scale(Transform):
             check(ok, f"scale: {key} must be a finite number", v)
         self.factor, self.shift = float(factor), float(shift)
 
-    def __call__(self, x: torch.Tensor, where: str) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, where: str, gather: Gather | None = None) -> torch.Tensor:
         return self.factor * x + self.shift
 
 

@@ -260,3 +260,13 @@ def gather_rows(acc: Accelerator, t: Tensor) -> Tensor:
         x = acc.pad_across_processes(x, dim=1, pad_index=0)
     out = acc.gather(x.contiguous())
     return out.bool() if is_bool else out
+
+
+def gather_values(acc: Accelerator, x: Tensor) -> Tensor:
+    """Every process's ``x`` (1-D, any length, also 0) concatenated in process order, as float64
+    on the CPU: for statistics that must be those of one process holding every sample (process
+    order is global sample order: contiguous shares)."""
+    from accelerate.utils import gather_object
+
+    values = gather_object([x.detach().double().cpu().tolist()])
+    return torch.tensor([v for part in values for v in part], dtype=torch.float64)

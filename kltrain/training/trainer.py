@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -426,7 +427,11 @@ class Trainer:
             for name in self.dataset.column_names
             if name != "prompt"
         }
-        result = self.reward_fn(rollout.prompts, rollout.completions, step=step, columns=columns)
+        many = self.accelerator.num_processes > 1  # whitening over every process's samples
+        gather = partial(distributed.gather_values, self.accelerator) if many else None
+        result = self.reward_fn(
+            rollout.prompts, rollout.completions, step=step, columns=columns, gather=gather
+        )
         rewards = result.total.to(self.accelerator.device, torch.float32)
         rollout.rewards_per_term = dict(result.per_term)
         invalid = result.invalid.to(rewards.device)
