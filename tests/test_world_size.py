@@ -88,10 +88,11 @@ RUNS = {
     "rloo_exact": ({"trainer": {"micro_batch_size": 2}}, True),
     # the same update in one micro-batch (1 × 1), 1 process only
     "rloo_exact_whole": ({"trainer": {"micro_batch_size": 8}}, False),
-    # sampled k2 in the loss, clipped ratio over 2 epochs
+    # sampled k2 in the loss, clipped ratio over 2 epochs × 2 minibatches drawn from the global
+    # batch (a process may hold 0-4 of a minibatch's 4 rows)
     "grpo_k2": (
         {
-            "algorithm": {"name": "grpo", "num_generations": 2, "epochs": 2},
+            "algorithm": {"name": "grpo", "num_generations": 2, "epochs": 2, "num_minibatches": 2},
             "kl": {"estimator": "k2", "placement": "loss"},
         },
         True,

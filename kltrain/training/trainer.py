@@ -459,8 +459,8 @@ class Trainer:
         self._ratio_max = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
         # a sharded reference's lm_head, read by the exact divergence in the loss: gathered once
         with fsdp.gathered(self.reference_forward, blocks=False):
-            for rows in self._minibatches(batch.rollout.num_sequences):
-                ok = self._optimizer_step(batch, rows, sums, step)
+            for rows, num_micro in self._minibatches(batch.rollout.num_sequences):
+                ok = self._optimizer_step(batch, rows, num_micro, sums, step)
                 skipped += 0 if ok else 1
         passes = algo.epochs * algo.num_minibatches
         for key in LOCAL_TOKEN_SUMS:  # this process's tokens only: add up the processes
@@ -477,33 +477,42 @@ class Trainer:
             self.scheduler.step()
         return out
 
-    def _minibatches(self, num_sequences: int) -> list[Tensor]:
-        algo = self.cfg.algorithm
-        if num_sequences % algo.num_minibatches:
-            raise ConfigError(
-                f"algorithm.num_minibatches={algo.num_minibatches} does not divide this "
-                f"process's {num_sequences} sequences per step"
-            )
-        size = num_sequences // algo.num_minibatches
+    def _minibatches(self, num_sequences: int) -> list[tuple[Tensor, int]]:
+        """Each optimizer step's rows of this process's ``num_sequences`` and the number of
+        micro-batches every process runs for it. The step's sequences are split over the
+        *global* batch (one permutation of all processes' sequences per epoch, from the
+        minibatch generator, the same on every process), so every world size takes the same
+        minibatches; a process holding fewer of a minibatch's rows runs empty micro-batches to
+        keep the engine's collectives paired."""
+        algo, acc = self.cfg.algorithm, self.accelerator
+        rank, total = acc.process_index, num_sequences * acc.num_processes
+        size, micro = total // algo.num_minibatches, self.cfg.trainer.micro_batch_size
         out = []
         for _ in range(algo.epochs):
-            order = torch.arange(num_sequences)
+            order = torch.arange(total)
             if algo.num_minibatches > 1:
-                order = torch.randperm(num_sequences, generator=self.minibatch_generator)
-            out += list(order.split(size))
+                order = torch.randperm(total, generator=self.minibatch_generator)
+            for global_rows in order.split(size):
+                owner = global_rows // num_sequences  # contiguous shares: process r's rows
+                counts = torch.bincount(owner, minlength=acc.num_processes)
+                num_micro = max(1, -(-int(counts.max()) // micro))
+                out.append((global_rows[owner == rank] - rank * num_sequences, num_micro))
         return out
 
-    def _optimizer_step(self, batch: TrainBatch, rows: Tensor, sums: dict, step: int) -> bool:
+    def _optimizer_step(
+        self, batch: TrainBatch, rows: Tensor, num_micro: int, sums: dict, step: int
+    ) -> bool:
         mask = batch.rollout.completion_mask[rows]
         num_tokens = max(self._global_count(int(mask.sum())), 1)
         loss_total = torch.zeros((), device=self.accelerator.device)
         micro = self.cfg.trainer.micro_batch_size
-        starts = range(0, len(rows), micro)
+        starts = range(0, num_micro * micro, micro)
         for start in starts:
             if self.accelerator.num_processes == 1 and not mask[start : start + micro].any():
                 continue  # every sample invalid (reward.on_invalid: skip): no loss, no gradient
+            part = rows[start : start + micro]
             with distributed.sync_context(self.policy_forward, sync=start == starts[-1]):
-                loss = self._micro_batch_loss(batch, rows[start : start + micro], num_tokens, sums)
+                loss = self._micro_batch_loss(batch, part, num_tokens, sums)
                 loss.backward()
             loss_total += loss.detach()
         distributed.all_reduce_gradients(self.accelerator, self.module_params)
@@ -526,7 +535,11 @@ class Trainer:
         global token count: micro-batching, accumulation and world size leave the sum unchanged."""
         r, reg = batch.rollout, self.regulariser
         policy = self.models.policy
-        mask = r.completion_mask[rows]
+        if rows.numel() == 0:  # another process's share of the minibatch is larger: one masked
+            rows = torch.zeros(1, dtype=torch.long)  # row keeps the collectives paired
+            mask = torch.zeros(1, r.completion_mask.shape[1], dtype=torch.bool)
+        else:
+            mask = r.completion_mask[rows]
         hidden = self.policy_forward(r.input_ids[rows], r.attention_mask[rows], r.prompt_length)
         if not mask.any():  # the engine's collectives pair up only if every process backwards
             return hidden.sum() * 0.0 + lm_head_params(policy)[0].sum() * 0.0
@@ -890,14 +903,15 @@ def _refuse_existing_checkpoints(output_dir: Path) -> None:
 
 
 def _check_minibatches(cfg: RunConfig, world_size: int) -> None:
-    """Each process's sequences per step split into ``algorithm.num_minibatches`` equal parts."""
-    per_process = prompts_per_process(cfg, world_size) * cfg.algorithm.num_generations
+    """The step's sequences (all processes') split into ``algorithm.num_minibatches`` equal
+    parts."""
+    prompts_per_process(cfg, world_size)  # (the even split over processes: its own message)
+    total = cfg.trainer.prompts_per_step * cfg.algorithm.num_generations
     n = cfg.algorithm.num_minibatches
-    if per_process % n:
+    if total % n:
         raise ConfigError(
-            f"algorithm.num_minibatches={n} does not divide each process's {per_process} "
-            f"sequences per step (trainer.prompts_per_step / processes × "
-            f"algorithm.num_generations); use a divisor of {per_process}"
+            f"algorithm.num_minibatches={n} does not divide the step's {total} sequences "
+            f"(trainer.prompts_per_step × algorithm.num_generations); use a divisor of {total}"
         )
 
 
