@@ -1,0 +1,285 @@
+"""DeepSpeed (issue 11): the Accelerate launch configurations turn into the DeepSpeed plugin they
+describe, and a dry run builds the ZeRO-2 and ZeRO-3 engines from them on the tiny model in one
+process (CPU: gloo; a lent GPU: NCCL) and takes one optimizer step that matches a plain torch
+AdamW step on an identical copy of the model.
+
+kltrain's loop does not run under DeepSpeed yet (``check_engine`` refuses it): these tests pin
+what the configurations mean and that the engine starts, so the loop can be wired to it.
+
+Tolerances (fp32; ``tests/conftest.py`` has the error model):
+
+- Loss: the engine runs the same forward on the same weights, but ZeRO-3 gathers them into fresh
+  buffers, so a BLAS kernel may block the sums differently: forward roundoff of a depth × width
+  network, through log-softmax (2-Lipschitz), averaged over tokens (``step_one_divergence_tol``
+  with one token), plus each evaluation's rounding of the log-sum-exp and the token mean.
+- Gradients: each entry is a chain of ``N_GRAD`` roundings (a sum over the batch's tokens, over
+  each layer's hidden + MLP width, and over the vocabulary at the output); its error is bounded by
+  ``γ_N`` times the absolute sum of its terms, which is stated as ``GRAD_COND`` times the tensor's
+  largest entry (terms of both signs, one per token); compared with ``assert_close_to_scale``.
+- Weights after one AdamW step: step 1's update is ``lr·ĝ/(|ĝ| + ε)`` (bias-corrected moments
+  m̂ = ĝ, v̂ = ĝ²), ĝ the clipped gradient. A gradient error δ moves it by at most
+  ``lr·δ/(|ĝ| − δ + ε)`` (≤ 2·lr where δ ≥ |ĝ|: the sign of a roundoff-level entry decides a
+  full step), so the bound is per entry, from the gradient bound, plus a few ulp of θ for the
+  decay and the subtraction. A wrong gradient (missing reduction, a partition applied twice) or a
+  missed step moves entries by ~lr, far above it where |ĝ| ≫ δ.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+import yaml
+
+from kltrain.training.distributed import free_port
+from tests.conftest import assert_close_to_scale, fp32_tol, step_one_divergence_tol
+from tests.helpers.resume_runs import REPO
+
+ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
+DEEPSPEED_CONFIGS = ("deepspeed_zero2", "deepspeed_zero3")
+
+# The tiny model of the dry run: 2 layers, hidden 16, MLP 32, vocabulary 64; a batch of 2 × 8.
+DEPTH, HIDDEN, MLP, VOCAB = 2, 16, 32, 64
+BATCH, SEQ = 2, 8
+LR, WEIGHT_DECAY, ADAM_EPS, MAX_GRAD_NORM = 1e-2, 0.1, 1e-8, 1.0
+#: Roundings along one gradient entry's chain (see the module docstring).
+N_GRAD = BATCH * SEQ + DEPTH * (HIDDEN + MLP) + VOCAB
+GRAD_COND = BATCH * SEQ
+GRAD_RTOL = 2 * fp32_tol(N_GRAD, GRAD_COND)  # two evaluations, each within the bound
+#: Random-init logits of the tiny model are far below 1 in magnitude (init std 0.02).
+LOGIT_TOL = step_one_divergence_tol(1, DEPTH, HIDDEN + MLP, 1.0)
+
+
+def plugin_from_accelerate_config(name: str, *launch_args: str):
+    """The DeepSpeedPlugin that ``accelerate launch --config_file configs/accelerate/NAME.yaml``
+    hands each process: the launcher (Accelerate's own parser, validation and
+    ``prepare_deepspeed_cmd_env``) turns the file into ``ACCELERATE_*`` variables, and
+    ``DeepSpeedPlugin()`` and the Accelerator's mixed-precision setting read them back."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin, patch_environment
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    path = ACCELERATE_CONFIGS / f"{name}.yaml"
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", str(path), *launch_args, "train.py"])
+    args, defaults, mixed_precision_from_file = _validate_launch_command(args)
+    assert args.use_deepspeed, f"{path} does not launch DeepSpeed"
+    # what `accelerate launch` sets before calling its DeepSpeed launcher (commands/launch.py)
+    fields = [*defaults.deepspeed_config, *(["mixed_precision"] * mixed_precision_from_file)]
+    args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+    _, env = prepare_deepspeed_cmd_env(args)
+    accelerate_env = {k: v for k, v in env.items() if k.startswith("ACCELERATE_")}
+    with patch_environment(**accelerate_env):
+        plugin = DeepSpeedPlugin()
+    plugin.set_mixed_precision(accelerate_env["ACCELERATE_MIXED_PRECISION"])
+    return plugin
+
+
+@pytest.mark.parametrize("name", DEEPSPEED_CONFIGS)
+def test_deepspeed_configs_become_the_plugin_they_describe(name, monkeypatch):
+    """Zero stage, clipping, precision, offload and the ZeRO-3 flags as the file says. The plugin
+    is built with DeepSpeed unimportable: reading a configuration needs only Accelerate."""
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    raw = yaml.safe_load((ACCELERATE_CONFIGS / f"{name}.yaml").read_text())
+    file = raw["deepspeed_config"]
+    plugin = plugin_from_accelerate_config(name)
+    ds = plugin.deepspeed_config
+    zero = ds["zero_optimization"]
+
+    assert plugin.zero_stage == zero["stage"] == file["zero_stage"] == int(name[-1])
+    assert plugin.gradient_clipping == ds["gradient_clipping"] == file["gradient_clipping"]
+    assert ds["gradient_accumulation_steps"] == file["gradient_accumulation_steps"]
+    assert raw["mixed_precision"] == "bf16"
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    assert zero["offload_optimizer"]["device"] == file["offload_optimizer_device"]
+    assert zero["offload_param"]["device"] == file["offload_param_device"]
+    assert plugin.zero3_init_flag is file["zero3_init_flag"]
+    save_16bit = file.get("zero3_save_16bit_model", False)
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is save_16bit
+    # the command line overrides the file, as `accelerate launch --mixed_precision no` does
+    plain = plugin_from_accelerate_config(name, "--mixed_precision", "no")
+    assert plain.deepspeed_config["bf16"] == {"enabled": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# Dry run: the engine from each configuration, one step, against plain torch
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=MLP,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, eps=ADAM_EPS)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_world():
+    """(deepspeed, device): a one-process group on the accelerator DeepSpeed detects ('cpu':
+    gloo, 'cuda': NCCL), shared by this module's engines (DeepSpeed caches its groups) and torn
+    down after, so no other test sees a process group or DeepSpeed's globals.
+
+    On CPU, DeepSpeed compiles its shared-memory all-reduce (``deepspeed_shm_comm``, C++, ~20 s
+    with g++ on this machine) whenever it starts its communication backend; only inference
+    tensor-parallel all-reduces across several local processes use it, never a training step
+    and never one process, so it is left unbuilt here."""
+    import deepspeed
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import groups
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys.modules["deepspeed.comm.torch"], "build_shm_op", lambda: None)
+        mp.setattr(ds_comm, "cdb", None)
+        mp.setattr(groups, "_WORLD_GROUP", None)
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            mp.setenv(key, value)
+        mp.setenv("MASTER_ADDR", "127.0.0.1")
+        mp.setenv("MASTER_PORT", str(free_port()))
+        accelerator = get_accelerator()
+        torch.distributed.init_process_group(accelerator.communication_backend_name())
+        try:
+            yield deepspeed, accelerator.device_name()
+        finally:
+            torch.distributed.destroy_process_group()
+
+
+def dry_run(name: str, deepspeed, device: str) -> None:
+    """Build the engine of configs/accelerate/NAME.yaml (fp32: launched with
+    ``--mixed_precision no``, so it compares with plain fp32 torch) on the tiny model, take one
+    step, and check loss, gradients, gradient norm, partitioning (ZeRO-3) and the new weights
+    against a plain clip + AdamW step on an identical copy."""
+    plugin = plugin_from_accelerate_config(name, "--mixed_precision", "no")
+    config = copy.deepcopy(plugin.deepspeed_config)
+    # what Accelerate's prepare() fills from the data loader
+    config["train_micro_batch_size_per_gpu"] = BATCH
+    config.pop("train_batch_size")
+    assert config["gradient_clipping"] == MAX_GRAD_NORM
+
+    model = tiny_llama()
+    reference = copy.deepcopy(model).to(device)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+    from deepspeed.utils import safe_get_full_grad, safe_get_full_optimizer_state
+
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=adamw(model.parameters()), config=config
+    )
+    assert engine.zero_optimization_stage() == plugin.zero_stage
+    stage3 = plugin.zero_stage == 3
+    if stage3:
+        check_partitioned(engine.module, shapes)
+
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    want_loss = reference(input_ids=ids, labels=ids).loss
+    want_loss.backward()
+    # logits' roundoff through log-softmax, plus each evaluation's own rounding of the
+    # log-sum-exp over the vocabulary and the mean over the tokens (≤ γ_n of the loss)
+    loss_tol = LOGIT_TOL + 2 * fp32_tol(VOCAB + BATCH * SEQ) * want_loss.item()
+    assert abs(loss.item() - want_loss.item()) <= loss_tol
+
+    ref_params = dict(reference.named_parameters())
+    for n, p in engine.module.named_parameters():
+        want = ref_params[n].grad
+        assert_close_to_scale(safe_get_full_grad(p), want, GRAD_RTOL, msg=f"grad {n}")
+    grads = {n: p.grad.detach().clone() for n, p in ref_params.items()}
+
+    engine.step()
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), MAX_GRAD_NORM)
+    assert norm > 1.25 * MAX_GRAD_NORM  # clipping scales ĝ by < 0.8: a skipped clip shows
+    # the engine's norm is the one it clipped with: a sum of n_params squares, then √
+    n_params = sum(p.numel() for p in reference.parameters())
+    norm_rtol = fp32_tol(n_params + 1) + GRAD_RTOL
+    assert engine.get_global_grad_norm() == pytest.approx(norm.item(), rel=norm_rtol)
+    before = {n: p.detach().clone() for n, p in ref_params.items()}
+    ref_optimizer = adamw(reference.parameters())
+    ref_optimizer.step()
+
+    # step 1's first moment is (1 − β1)·ĝ: the clipped gradient, which the update alone hides
+    # (m̂/√v̂ does not change when ĝ is scaled); ĝ's error is g's plus the clip factor's
+    for n, p in engine.module.named_parameters():
+        want = ref_optimizer.state[ref_params[n]]["exp_avg"]
+        got = safe_get_full_optimizer_state(p, "exp_avg")
+        assert_close_to_scale(got, want, GRAD_RTOL + 2 * norm_rtol, msg=f"exp_avg {n}")
+
+    got = full_weights(deepspeed, engine.module, stage3)
+    for n, want in ref_params.items():
+        rtol = GRAD_RTOL + 2 * norm_rtol
+        check_adam_step(got[n], want.detach(), before[n], grads[n], norm, rtol, n)
+    if stage3:
+        check_partitioned(engine.module, shapes)  # released again after the step and the gather
+
+
+def check_partitioned(module, shapes: dict[str, tuple]) -> None:
+    """ZeRO-3: each parameter's storage is its shard ``ds_tensor`` (the whole of it: one process),
+    and outside a forward (or a gather) the parameter itself holds no elements."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    for name, p in module.named_parameters():
+        assert p.ds_status == ZeroParamStatus.NOT_AVAILABLE, name
+        assert p.numel() == 0, f"{name}: {tuple(p.shape)} outside a gather"
+        assert tuple(p.ds_shape) == shapes[name], f"{name}: ds_shape {tuple(p.ds_shape)}"
+        assert p.ds_tensor.numel() == p.ds_numel, f"{name}: shard {p.ds_tensor.numel()}"
+
+
+def full_weights(deepspeed, module, stage3: bool) -> dict[str, torch.Tensor]:
+    """The engine's full parameters: under ZeRO-3 through ``GatheredParameters`` (the lm_head
+    weight among them, the tensor the chunked lm_head path reads outside forward)."""
+    params = dict(module.named_parameters())
+    if not stage3:
+        return {n: p.detach().clone() for n, p in params.items()}
+    full = {}
+    for n, p in params.items():
+        with deepspeed.zero.GatheredParameters([p]):
+            full[n] = p.detach().clone()
+        assert p.numel() == 0, f"{n} still gathered after the context"
+    assert module.get_output_embeddings().weight is params["lm_head.weight"]
+    assert tuple(full["lm_head.weight"].shape) == (VOCAB, HIDDEN)
+    return full
+
+
+def check_adam_step(got, want, before, grad, norm, rtol: float, name: str) -> None:
+    """One AdamW step, per entry: ``|θ_ds − θ_ref| ≤ lr·δ/(|ĝ| − δ + ε)`` (at most 2·lr) plus
+    8 ulp of θ; ĝ = g·min(1, max_norm/‖g‖) and δ = rtol·(|ĝ| + max|ĝ|) its error bound (the
+    gradient's, at this tensor's scale, plus the clip factor's)."""
+    got, want, before, grad = (t.detach().double().cpu() for t in (got, want, before, grad))
+    clipped = grad * min(1.0, MAX_GRAD_NORM / (float(norm) + 1e-6))
+    delta = rtol * (clipped.abs() + clipped.abs().max())
+    margin = (clipped.abs() - delta).clamp_min(0) + ADAM_EPS
+    tol = LR * torch.clamp(delta / margin, max=2.0) + 8 * 2.0**-24 * before.abs()
+    assert got.shape == want.shape, name
+    assert ((want - before).abs() > LR / 2).any(), f"{name}: the reference did not move"
+    excess = (got - want).abs() - tol
+    assert (excess <= 0).all(), f"{name}: {int((excess > 0).sum())} entries off, max {excess.max()}"
+
+
+@pytest.mark.parametrize("name", DEEPSPEED_CONFIGS)
+def test_deepspeed_engine_step_matches_plain_adamw(name, deepspeed_world):
+    """On the accelerator DeepSpeed detects: the CPU here and in CI, the GPU on a lent device."""
+    dry_run(name, *deepspeed_world)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_deepspeed_zero3_step_matches_plain_adamw_on_cuda(deepspeed_world):
+    deepspeed, device = deepspeed_world
+    assert device == "cuda", f"DeepSpeed chose {device!r} on a machine with CUDA"
+    dry_run("deepspeed_zero3", deepspeed, device)
