@@ -283,3 +283,76 @@ def test_deepspeed_zero3_step_matches_plain_adamw_on_cuda(deepspeed_world):
     deepspeed, device = deepspeed_world
     assert device == "cuda", f"DeepSpeed chose {device!r} on a machine with CUDA"
     dry_run("deepspeed_zero3", deepspeed, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunked lm_head path under ZeRO-3
+
+
+class ChunkedHead(torch.nn.Module):
+    """kltrain's chunked lm_head loss (``fused_token_loss``) inside a module's forward. ZeRO-3
+    gathers a parameter only for the forward and backward of a module that owns it (or has it
+    registered as an external parameter); the trainer reads the lm_head weight outside any
+    forward, where ZeRO-3 hands out an empty tensor. Holds the owner in a list so the lm_head
+    is not registered twice (its weight stays one parameter of the model)."""
+
+    def __init__(self, owner: torch.nn.Module):
+        super().__init__()
+        self._owner = [owner]
+
+    def forward(self, hidden, tokens):
+        from kltrain.divergence.lm_head import fused_token_loss
+
+        weight = self._owner[0].weight
+        return fused_token_loss(hidden, weight, tokens, lambda c: -c.logprobs.sum() / len(tokens))
+
+
+def test_zero3_chunked_lm_head_needs_the_weight_gathered_and_then_matches(deepspeed_world):
+    """Read outside forward (as the trainer does now) the ZeRO-3 lm_head weight is empty and the
+    chunked path refuses it; called inside a module forward with the weight registered as that
+    module's external parameter, loss and gradients are the plain ones."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from kltrain.divergence.lm_head import fused_token_loss
+    from kltrain.models.logits import final_hidden_states, lm_head_params
+
+    deepspeed, device = deepspeed_world
+    plugin = plugin_from_accelerate_config("deepspeed_zero3", "--mixed_precision", "no")
+    config = {**copy.deepcopy(plugin.deepspeed_config), "train_micro_batch_size_per_gpu": BATCH}
+    config.pop("train_batch_size")
+    model = tiny_llama()
+    reference = copy.deepcopy(model).to(device)
+    model.chunked_head = ChunkedHead(model.lm_head)  # no parameters of its own
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=adamw(model.parameters()), config=config
+    )
+    deepspeed.zero.register_external_parameter(engine.module.chunked_head, model.lm_head.weight)
+
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
+    ids, mask = ids.to(device), torch.ones_like(ids, device=device)
+    targets = ids[:, 1:].reshape(-1)
+
+    def hidden(m):
+        return final_hidden_states(m, ids, mask)[:, :-1].reshape(-1, HIDDEN)
+
+    weight, _ = lm_head_params(engine.module)
+    assert weight.numel() == 0
+    with pytest.raises(ValueError, match=r"weight \[V, H\], got .* and \(0,\)"):
+        fused_token_loss(hidden(engine.module), weight, targets, lambda c: c.logprobs.sum())
+
+    loss = engine.module.chunked_head(hidden(engine.module), targets)
+    assert model.lm_head.weight.numel() == 0  # released after the forward
+    engine.backward(loss)
+    want = fused_token_loss(
+        hidden(reference),
+        reference.lm_head.weight,
+        targets,
+        lambda c: -c.logprobs.sum() / len(targets),
+    )
+    want.backward()
+    loss_tol = LOGIT_TOL + 2 * fp32_tol(VOCAB + BATCH * SEQ) * want.item()
+    assert abs(loss.item() - want.item()) <= loss_tol
+    for n, p in engine.module.named_parameters():
+        want_grad = dict(reference.named_parameters())[n].grad
+        assert_close_to_scale(safe_get_full_grad(p), want_grad, GRAD_RTOL, msg=f"grad {n}")
+    engine.step()
