@@ -1,7 +1,9 @@
 """DeepSpeed (issue 11): the Accelerate launch configurations turn into the DeepSpeed plugin they
 describe, and a dry run builds the ZeRO-2 and ZeRO-3 engines from them on the tiny model in one
-process (CPU: gloo; a lent GPU: NCCL) and takes one optimizer step that matches a plain torch
-AdamW step on an identical copy of the model.
+process (CPU: gloo; a lent GPU: NCCL) and in two (CPU, torchrun; ``multiprocess``) and takes one
+optimizer step that matches a plain torch AdamW step on an identical copy of the model. Under
+ZeRO-3 the chunked lm_head path gets the plain gradients once it runs inside a module forward
+that has the lm_head weight registered (``ChunkedHead``): the way to wire the loop to it.
 
 kltrain's loop does not run under DeepSpeed yet (``check_engine`` refuses it): these tests pin
 what the configurations mean and that the engine starts, so the loop can be wired to it.
@@ -167,6 +169,19 @@ def deepspeed_world():
             torch.distributed.destroy_process_group()
 
 
+def engine_config(plugin) -> dict:
+    """The plugin's DeepSpeed config as the engine gets it: the micro-batch size Accelerate's
+    prepare() fills from the data loader, and every ZeRO-3 parameter sharded (DeepSpeed keeps
+    parameters under 1e5 elements whole on each process by default: all of the tiny model's,
+    but only norms and biases of a real one)."""
+    config = copy.deepcopy(plugin.deepspeed_config)
+    config["train_micro_batch_size_per_gpu"] = BATCH
+    config.pop("train_batch_size")
+    if plugin.zero_stage == 3:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return config
+
+
 def dry_run(name: str, deepspeed, device: str, rank: int = 0, processes: int = 1) -> None:
     """Build the engine of configs/accelerate/NAME.yaml (fp32: launched with
     ``--mixed_precision no``, so it compares with plain fp32 torch) on the tiny model, take one
@@ -177,10 +192,7 @@ def dry_run(name: str, deepspeed, device: str, rank: int = 0, processes: int = 1
     from deepspeed.utils import safe_get_full_grad, safe_get_full_optimizer_state
 
     plugin = plugin_from_accelerate_config(name, "--mixed_precision", "no")
-    config = copy.deepcopy(plugin.deepspeed_config)
-    # what Accelerate's prepare() fills from the data loader
-    config["train_micro_batch_size_per_gpu"] = BATCH
-    config.pop("train_batch_size")
+    config = engine_config(plugin)
     assert config["gradient_clipping"] == MAX_GRAD_NORM
 
     model = tiny_llama()
@@ -328,15 +340,19 @@ def test_zero3_chunked_lm_head_needs_the_weight_gathered_and_then_matches(deepsp
     """Read outside forward (as the trainer does now) the ZeRO-3 lm_head weight is empty and the
     chunked path refuses it; called inside a module forward with the weight registered as that
     module's external parameter, loss and gradients are the plain ones."""
+    chunked_lm_head_run(*deepspeed_world)
+
+
+def chunked_lm_head_run(deepspeed, device: str, rank: int = 0, processes: int = 1) -> None:
+    """The test above on this process's share of the batch (see :func:`dry_run`)."""
     from deepspeed.utils import safe_get_full_grad
 
     from kltrain.divergence.lm_head import fused_token_loss
     from kltrain.models.logits import final_hidden_states, lm_head_params
 
-    deepspeed, device = deepspeed_world
-    plugin = plugin_from_accelerate_config("deepspeed_zero3", "--mixed_precision", "no")
-    config = {**copy.deepcopy(plugin.deepspeed_config), "train_micro_batch_size_per_gpu": BATCH}
-    config.pop("train_batch_size")
+    config = engine_config(
+        plugin_from_accelerate_config("deepspeed_zero3", "--mixed_precision", "no")
+    )
     model = tiny_llama()
     reference = copy.deepcopy(model).to(device)
     model.chunked_head = ChunkedHead(model.lm_head)  # no parameters of its own
@@ -345,33 +361,41 @@ def test_zero3_chunked_lm_head_needs_the_weight_gathered_and_then_matches(deepsp
     )
     deepspeed.zero.register_external_parameter(engine.module.chunked_head, model.lm_head.weight)
 
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
-    ids, mask = ids.to(device), torch.ones_like(ids, device=device)
-    targets = ids[:, 1:].reshape(-1)
+    shape = (BATCH * processes, SEQ)
+    everyone = torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(2))
+    everyone = everyone.to(device)
+    ids = everyone[rank * BATCH : (rank + 1) * BATCH]
 
-    def hidden(m):
-        return final_hidden_states(m, ids, mask)[:, :-1].reshape(-1, HIDDEN)
+    def hidden(m, rows):
+        mask = torch.ones_like(rows)
+        return final_hidden_states(m, rows, mask)[:, :-1].reshape(-1, HIDDEN)
+
+    def mean_nll(chunk):
+        return -chunk.logprobs.sum() / chunk_tokens
 
     weight, _ = lm_head_params(engine.module)
     assert weight.numel() == 0
+    targets = ids[:, 1:].reshape(-1)
+    chunk_tokens = len(targets)
     with pytest.raises(ValueError, match=r"weight \[V, H\], got .* and \(0,\)"):
-        fused_token_loss(hidden(engine.module), weight, targets, lambda c: c.logprobs.sum())
+        fused_token_loss(hidden(engine.module, ids), weight, targets, mean_nll)
 
-    loss = engine.module.chunked_head(hidden(engine.module), targets)
+    loss = engine.module.chunked_head(hidden(engine.module, ids), targets)
     assert model.lm_head.weight.numel() == 0  # released after the forward
     engine.backward(loss)
-    want = fused_token_loss(
-        hidden(reference),
-        reference.lm_head.weight,
-        targets,
-        lambda c: -c.logprobs.sum() / len(targets),
-    )
-    want.backward()
+    with torch.no_grad():
+        want = fused_token_loss(hidden(reference, ids), reference.lm_head.weight, targets, mean_nll)
     loss_tol = LOGIT_TOL + 2 * fp32_tol(VOCAB + BATCH * SEQ) * want.item()
     assert abs(loss.item() - want.item()) <= loss_tol
+
+    all_targets = everyone[:, 1:].reshape(-1)
+    chunk_tokens = len(all_targets)
+    whole = hidden(reference, everyone)
+    fused_token_loss(whole, reference.lm_head.weight, all_targets, mean_nll).backward()
+    rtol = grad_rtol(BATCH * SEQ * processes, processes)
     for n, p in engine.module.named_parameters():
         want_grad = dict(reference.named_parameters())[n].grad
-        assert_close_to_scale(safe_get_full_grad(p), want_grad, GRAD_RTOL, msg=f"grad {n}")
+        assert_close_to_scale(safe_get_full_grad(p), want_grad, rtol, msg=f"grad {n}")
     engine.step()
 
 

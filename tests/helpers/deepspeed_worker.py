@@ -1,6 +1,7 @@
 """One process of a torchrun launch of ``tests/test_deepspeed.py``'s dry run over several CPU
 processes (gloo): each builds the ZeRO-2 and ZeRO-3 engines and checks its step against plain
-torch fed the whole batch (``dry_run``); prints ``rank R ok`` at the end."""
+torch fed the whole batch (``dry_run``), and the chunked lm_head under ZeRO-3
+(``chunked_lm_head_run``); prints ``rank R ok`` at the end."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 def main() -> None:
     import deepspeed
 
-    from tests.test_deepspeed import DEEPSPEED_CONFIGS, dry_run
+    from tests.test_deepspeed import DEEPSPEED_CONFIGS, chunked_lm_head_run, dry_run
 
     # the shared-memory all-reduce DeepSpeed compiles on CPU serves inference only (see
     # tests/test_deepspeed.py's deepspeed_world)
@@ -23,6 +24,7 @@ def main() -> None:
     try:
         for name in DEEPSPEED_CONFIGS:
             dry_run(name, deepspeed, "cpu", rank, processes)
+        chunked_lm_head_run(deepspeed, "cpu", rank, processes)
     finally:
         torch.distributed.destroy_process_group()
     print(f"rank {rank} ok", flush=True)
