@@ -25,5 +25,6 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
 fi
 echo "bootstrap: installing kltrain and its dependencies into $VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check -e ".[dev]"
+# deepspeed: ~10 s from its sdist, pure Python (no ops built); tests/test_deepspeed.py needs it
+"$VENV/bin/pip" install -q --disable-pip-version-check -e ".[dev,deepspeed]"
 echo "$WANT" > "$STAMP"
