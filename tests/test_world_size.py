@@ -28,6 +28,7 @@ from kltrain.training.distributed import (
     check_process_group,
     free_port,
     launch_command,
+    refuse_requested_deepspeed,
 )
 from tests.conftest import TINY_STEP_ONE_TOL
 from tests.helpers.resume_runs import FSDP2_ENV, REPO, child_pythonpath
@@ -401,6 +402,16 @@ def test_engines_the_loop_does_not_run_are_refused_by_name(engine):
         check_engine(engine)
     for supported in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP"):
         check_engine(supported)
+
+
+def test_a_launch_that_asked_for_deepspeed_is_refused_before_accelerate_drops_it(monkeypatch):
+    """`accelerate launch --config_file deepspeed_zero2.yaml` on a CPU machine: Accelerate makes
+    it MULTI_CPU without a word; kltrain refuses it from the launcher's variable."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ProcessGroupError, match=r"engine DEEPSPEED is not supported"):
+        refuse_requested_deepspeed()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    refuse_requested_deepspeed()
 
 
 @pytest.mark.multiprocess

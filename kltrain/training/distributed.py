@@ -44,6 +44,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     """The run's Accelerator; raises :class:`ProcessGroupError` if the launched processes did not
     all join its process group (before anything is written)."""
     log_with = "wandb" if cfg.tracking.wandb.mode != "disabled" else None
+    refuse_requested_deepspeed()
     acc = Accelerator(cpu=use_cpu(cfg.trainer.device), log_with=log_with)
     check_process_group(acc.num_processes, launched_world_size())
     check_engine(acc.distributed_type.value)
@@ -72,6 +73,14 @@ def check_engine(distributed_type: str) -> None:
             f"configs/accelerate/ddp.yaml, fsdp.yaml or multinode.yaml, or "
             f"`kltrain fit CONFIG --num-processes N`"
         )
+
+
+def refuse_requested_deepspeed() -> None:
+    """A launch that asked for DeepSpeed (``ACCELERATE_USE_DEEPSPEED``, set by ``accelerate
+    launch`` from a DeepSpeed config) is refused before the Accelerator exists: on a CPU machine
+    Accelerate drops DeepSpeed silently and the run would train data-parallel instead."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1", "yes"):
+        check_engine("DEEPSPEED")
 
 
 def engine(acc: Accelerator) -> str:
