@@ -141,6 +141,9 @@ def generate(
                 **sampling,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=eos_ids,
+                # transformers turns this on for a sharded model (an all-reduce per token, and a
+                # hang when one process generates alone); kltrain generates on gathered weights
+                synced_gpus=False,
             )
         outputs.append(out[:, prompt_ids.shape[1] :])
         if hidden_out is not None:
