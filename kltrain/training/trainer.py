@@ -30,7 +30,6 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import save_file
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 from kltrain.algorithms import TrainBatch, make_algorithm
@@ -921,11 +920,7 @@ def _fused_adamw(groups: list[dict[str, Any]]) -> bool | None:
     optimizer step is otherwise over a second of each update). None (torch's default) elsewhere."""
     params = [p for group in groups for p in group["params"]]
     fusable = {"cpu", "cuda", "mps", "xpu"}
-    # (not over FSDP2's DTensor shards: torch's fused CPU kernel crashed on them, torch 2.13)
-    ok = bool(params) and all(
-        p.is_floating_point() and p.device.type in fusable and not isinstance(p, DTensor)
-        for p in params
-    )
+    ok = bool(params) and all(p.is_floating_point() and p.device.type in fusable for p in params)
     return True if ok else None
 
 
