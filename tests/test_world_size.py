@@ -597,3 +597,35 @@ def test_deepspeed_zero2_skips_an_update_with_a_non_finite_loss_or_gradient(tmp_
     metrics = _metrics(tmp_path / "run")
     assert [m["train/skipped"] for m in metrics] == [0, 1, 1]
     assert [m["train/skipped_total"] for m in metrics] == [0, 1, 2]
+
+
+def test_zero2_settings_map_max_grad_norm_and_refuse_what_kltrain_does_not_honour(monkeypatch):
+    """The engine's DeepSpeed config from a ZeRO-2 launch: clipping is trainer.max_grad_norm
+    (a file that says otherwise is refused naming both), kltrain owns accumulation (the
+    engine's boundary is its step) and precision is fp32; bf16, offload and accumulation in the
+    file are refused by key."""
+    from kltrain.training.deepspeed_engine import Zero2Settings
+
+    for key, value in ZERO2_ENV.items():
+        monkeypatch.setenv(key, value)
+    config = Zero2Settings.from_accelerate("no", 1.0, micro_batch_size=4, world=2).config
+    assert config["gradient_clipping"] == 1.0 and config["zero_optimization"]["stage"] == 2
+    assert config["managed_gradient_accumulation"] is False
+    assert config["gradient_accumulation_steps"] == 1 and config["train_batch_size"] == 8
+    assert config["bf16"] == config["fp16"] == {"enabled": False}
+    for max_grad_norm in (0.5, None):
+        with pytest.raises(ConfigError, match=rf"gradient_clipping: 1.0 .*={max_grad_norm}"):
+            Zero2Settings.from_accelerate("no", max_grad_norm, micro_batch_size=4, world=2)
+    with pytest.raises(ConfigError, match=r"mixed_precision: bf16"):
+        Zero2Settings.from_accelerate("bf16", 1.0, micro_batch_size=4, world=2)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    with pytest.raises(ConfigError, match=r"offload_optimizer_device: cpu"):
+        Zero2Settings.from_accelerate("no", 1.0, micro_batch_size=4, world=2)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps: 2"):
+        Zero2Settings.from_accelerate("no", 1.0, micro_batch_size=4, world=2)
+    monkeypatch.delenv("ACCELERATE_GRADIENT_CLIPPING")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    unset = Zero2Settings.from_accelerate("no", None, micro_batch_size=4, world=2).config
+    assert unset["gradient_clipping"] == 0.0  # not in the file: trainer.max_grad_norm (none)
