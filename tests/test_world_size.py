@@ -618,6 +618,8 @@ def test_zero2_settings_map_max_grad_norm_and_refuse_what_kltrain_does_not_honou
             Zero2Settings.from_accelerate("no", max_grad_norm, micro_batch_size=4, world=2)
     with pytest.raises(ConfigError, match=r"mixed_precision: bf16"):
         Zero2Settings.from_accelerate("bf16", 1.0, micro_batch_size=4, world=2)
+    with pytest.raises(ConfigError, match=r"model.dtype: bf16 under DeepSpeed"):
+        Zero2Settings.from_accelerate("no", 1.0, micro_batch_size=4, world=2, model_dtype="bf16")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
     with pytest.raises(ConfigError, match=r"offload_optimizer_device: cpu"):
         Zero2Settings.from_accelerate("no", 1.0, micro_batch_size=4, world=2)

@@ -22,7 +22,8 @@ What the engine is given and why:
   processes), so no fixed ``gradient_accumulation_steps`` describes it.
 - Gradients are SUMMED over processes: kltrain's losses are already divided by the step's global
   token count; DeepSpeed averages over the processes, so :meth:`Zero2.backward` multiplies the
-  loss by the world size (exact in binary for powers of 2) and passes ``scale_wrt_gas=False``.
+  loss by the world size (× and ÷ it: exact for powers of 2, one rounding otherwise) and passes
+  ``scale_wrt_gas=False``.
 - Clipping is DeepSpeed's (``gradient_clipping``, the global norm over all partitions), set from
   ``trainer.max_grad_norm``; an Accelerate file that sets another value is refused, naming both.
   The norm is read back from ``engine.get_global_grad_norm()``.
@@ -30,8 +31,10 @@ What the engine is given and why:
   gradients (its overflow path, taken for an fp32 model too); the norm then reads ``inf``. A
   non-finite loss whose gradient happens to be finite is sent down the same path by one extra
   backward that makes a gradient NaN (:meth:`Zero2.step`), so nothing is applied either way.
-- fp32 only (``mixed_precision: no``): DeepSpeed's bf16/fp16 cast the module, which generation,
-  scoring and the chunked lm_head kernels of kltrain do not expect yet.
+- fp32 only (``mixed_precision: no``, ``model.dtype: fp32``): DeepSpeed's bf16/fp16 cast the
+  module and keep fp32 master partitions beside it, which generation, scoring, the chunked
+  lm_head kernels and kltrain's checkpoints (the model's weights are the master weights) do not
+  expect yet.
 - Checkpoints: each process's AdamW state over its flat fp32 partition (plain tensors); resuming
   needs the same engine and process count, the model weights are loaded before the engine is
   built (its fp32 master partitions are those weights: fp32).
@@ -89,7 +92,12 @@ class Zero2Settings:
 
     @classmethod
     def from_accelerate(
-        cls, mixed_precision: str, max_grad_norm: float | None, micro_batch_size: int, world: int
+        cls,
+        mixed_precision: str,
+        max_grad_norm: float | None,
+        micro_batch_size: int,
+        world: int,
+        model_dtype: str = "fp32",
     ) -> Zero2Settings:
         """Read the plugin Accelerate builds from the launch's environment; refuse what kltrain
         does not honour (rather than run without it)."""
@@ -101,6 +109,11 @@ class Zero2Settings:
             raise ConfigError(
                 f"mixed_precision: {mixed_precision} in the Accelerate config; under DeepSpeed "
                 "kltrain runs fp32 only (set mixed_precision: no; FSDP2 supports bf16)"
+            )
+        if model_dtype != "fp32":
+            raise ConfigError(
+                f"model.dtype: {model_dtype} under DeepSpeed ZeRO-2: kltrain runs it in fp32 only "
+                "(it keeps fp32 master weights beside a bf16/fp16 model); set model.dtype: fp32"
             )
         ds = plugin.deepspeed_config
         zero = ds.get("zero_optimization", {})

@@ -261,6 +261,7 @@ class Trainer:
             cfg.trainer.max_grad_norm,
             cfg.trainer.micro_batch_size,
             acc.num_processes,
+            cfg.model.dtype,
         )
         root = deepspeed_engine.TrainedModules(self.policy_forward, self.algorithm.modules())
         self.zero2 = deepspeed_engine.Zero2(root, self.optimizer, settings, acc.num_processes)
@@ -837,8 +838,7 @@ class Trainer:
                 f"{path} was written by {world} processes with engine {saved_engine}; this run "
                 f"is {self.accelerator.num_processes} with engine {self.engine}. An FSDP2 or "
                 "DeepSpeed checkpoint's optimizer state is per process: resume it with the same "
-                "engine "
-                "and process count (its model/ folder holds the full weights for a new run)"
+                "engine and process count (its model/ folder holds the full weights for a new run)"
             )
         if not changes:
             return
