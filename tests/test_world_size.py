@@ -613,6 +613,9 @@ def test_zero2_settings_map_max_grad_norm_and_refuse_what_kltrain_does_not_honou
     assert config["managed_gradient_accumulation"] is False
     assert config["gradient_accumulation_steps"] == 1 and config["train_batch_size"] == 8
     assert config["bf16"] == config["fp16"] == {"enabled": False}
+    sized = Zero2Settings.from_accelerate("no", 1.0, 4, world=2, hidden_size=576).config
+    assert sized["zero_optimization"]["reduce_bucket_size"] == 576 * 576  # as Accelerate's auto
+    assert sized["zero_optimization"]["allgather_bucket_size"] == 576 * 576
     for max_grad_norm in (0.5, None):
         with pytest.raises(ConfigError, match=rf"gradient_clipping: 1.0 .*={max_grad_norm}"):
             Zero2Settings.from_accelerate("no", max_grad_norm, micro_batch_size=4, world=2)

@@ -98,6 +98,7 @@ class Zero2Settings:
         micro_batch_size: int,
         world: int,
         model_dtype: str = "fp32",
+        hidden_size: int | None = None,
     ) -> Zero2Settings:
         """Read the plugin Accelerate builds from the launch's environment; refuse what kltrain
         does not honour (rather than run without it)."""
@@ -137,13 +138,24 @@ class Zero2Settings:
             "train_batch_size": micro_batch_size * world,
             "managed_gradient_accumulation": False,
             "gradient_clipping": clipping,
-            "zero_optimization": {**zero, "stage": 2},
+            "zero_optimization": {**zero, "stage": 2, **_bucket_sizes(zero, hidden_size)},
             "zero_allow_untested_optimizer": True,
             "bf16": {"enabled": False},
             "fp16": {"enabled": False},
             "steps_per_print": 2**62,  # no progress lines of DeepSpeed's own
         }
         return cls(config=config)
+
+
+def _bucket_sizes(zero: dict[str, Any], hidden_size: int | None) -> dict[str, int]:
+    """The gradient reduce and weight all-gather bucket sizes (elements) the file leaves unset or
+    ``auto``: hidden_size², as Accelerate's ``auto`` fills them. DeepSpeed's own default, 5e8
+    elements (2 GB buffers in fp32), made tiny runs ~9× slower on this CPU (27 s vs 3 s for six
+    2-step runs on 2 processes, nearly all of it system time)."""
+    if not hidden_size:
+        return {}
+    keys = ("reduce_bucket_size", "allgather_bucket_size")
+    return {k: hidden_size * hidden_size for k in keys if zero.get(k, "auto") == "auto"}
 
 
 def _clipping(from_file: Any, max_grad_norm: float | None) -> float:

@@ -262,6 +262,7 @@ class Trainer:
             cfg.trainer.micro_batch_size,
             acc.num_processes,
             cfg.model.dtype,
+            getattr(self.models.policy.config, "hidden_size", None),
         )
         root = deepspeed_engine.TrainedModules(self.policy_forward, self.algorithm.modules())
         self.zero2 = deepspeed_engine.Zero2(root, self.optimizer, settings, acc.num_processes)
