@@ -205,7 +205,7 @@ def runs(tmp_path_factory):
         configs = [
             _config(root, model, name, tag, sections)
             for name, (sections, both) in RUNS.items()
-            if world == 1 or (both and (tag != "zero2" or name in ZERO2_RUNS))
+            if world == 1 or both
         ]
         _launch(root, world, configs, tag, env)
     return root
@@ -294,8 +294,8 @@ def test_fsdp2_on_two_processes_runs_the_one_process_run(runs, name):
     _assert_same_update(one, sharded, initial, FDPG_WEIGHT_RTOL if fdpg else WEIGHT_RTOL)
 
 
-#: The runs the DeepSpeed ZeRO-2 launch repeats (each costs seconds of a shared CPU).
-ZERO2_RUNS = ("rloo_exact", "grpo_k2", "ppo_k1", "fdpg_moments_js", "rloo_lora", "rloo_k1_reward")
+#: The runs the DeepSpeed ZeRO-2 launch repeats: all that the 2-process launches run.
+ZERO2_RUNS = [n for n, (_, both) in RUNS.items() if both]
 
 
 @pytest.mark.multiprocess
