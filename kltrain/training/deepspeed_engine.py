@@ -199,7 +199,13 @@ class Zero2:
         world: int,
     ):
         import deepspeed
+        from deepspeed.runtime import constants
 
+        if not hasattr(constants, "MANAGED_GRADIENT_ACCUMULATION"):  # an older DeepSpeed would
+            raise ConfigError(  # ignore the key and reduce only every gradient_accumulation_steps
+                f"DeepSpeed {deepspeed.__version__} has no managed_gradient_accumulation, which "
+                "kltrain's ZeRO-2 engine needs (tested with 0.19.8): pip install -U deepspeed"
+            )
         self.world = world
         self.engine, *_ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=settings.config
