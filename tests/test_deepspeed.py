@@ -5,8 +5,9 @@ optimizer step that matches a plain torch AdamW step on an identical copy of the
 ZeRO-3 the chunked lm_head path gets the plain gradients once it runs inside a module forward
 that has the lm_head weight registered (``ChunkedHead``): the way to wire the loop to it.
 
-kltrain's loop does not run under DeepSpeed yet (``check_engine`` refuses it): these tests pin
-what the configurations mean and that the engine starts, so the loop can be wired to it.
+kltrain's loop runs ZeRO-2 (``kltrain/training/deepspeed_engine.py``, tested against one process
+in ``tests/test_world_size.py``) and refuses ZeRO-3: these tests pin what the configurations mean
+and that both engines start, and show how the loop could be wired to ZeRO-3.
 
 Tolerances (fp32; ``tests/conftest.py`` has the error model):
 

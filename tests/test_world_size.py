@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from kltrain.config import ConfigError
 from kltrain.rl.reduction import combine, finish, max_of, mean_of, std_of, sum_of
 from kltrain.training import checkpoint
 from kltrain.training.distributed import (
@@ -31,7 +33,7 @@ from kltrain.training.distributed import (
     refuse_requested_deepspeed,
 )
 from tests.conftest import TINY_STEP_ONE_TOL
-from tests.helpers.resume_runs import FSDP2_ENV, REPO, child_pythonpath
+from tests.helpers.resume_runs import FSDP2_ENV, REPO, ZERO2_ENV, child_pythonpath
 from tests.helpers.tiny import loop_config_raw, make_tiny_model_dir, update_sections
 
 #: Per-step metrics: |a − b| ≤ METRIC_RTOL·max(|a|, |b|) + METRIC_ATOL. The runs differ only in
@@ -198,7 +200,7 @@ def _launch(root: Path, world: int, configs: list[Path], tag: str, env: dict | N
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     model = str(make_tiny_model_dir(root / "model"))
-    launches = [(1, "w1", None), (2, "w2", None), (2, "fsdp2", FSDP2_ENV)]
+    launches = [(1, "w1", None), (2, "w2", None), (2, "fsdp2", FSDP2_ENV), (2, "zero2", ZERO2_ENV)]
     for world, tag, env in launches:
         configs = [
             _config(root, model, name, tag, sections)
@@ -290,6 +292,28 @@ def test_fsdp2_on_two_processes_runs_the_one_process_run(runs, name):
     _assert_metrics_close(_metrics(one), _metrics(sharded), fdpg=fdpg)
     initial = load_file(str(runs / "model" / "model.safetensors"))
     _assert_same_update(one, sharded, initial, FDPG_WEIGHT_RTOL if fdpg else WEIGHT_RTOL)
+
+
+#: The runs the DeepSpeed ZeRO-2 launch repeats: all that the 2-process launches run.
+ZERO2_RUNS = [n for n, (_, both) in RUNS.items() if both]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", ZERO2_RUNS)
+def test_deepspeed_zero2_on_two_processes_runs_the_one_process_run(runs, name):
+    """DeepSpeed ZeRO-2 (optimizer state and gradients partitioned over 2 gloo processes, the
+    gradient reduced per micro-batch into each process's partition, DeepSpeed's own clipping
+    and step; PPO's value head partitioned with the policy): the same sampled ids, metrics and
+    update as one process, within the DDP comparison's bounds (only which process sums which
+    gradient entries, and DeepSpeed's norm and clip arithmetic, differ: fp32 reduction order and
+    a rounding of the clip coefficient)."""
+    one, zero2 = runs / f"{name}-w1", runs / f"{name}-zero2"
+    assert yaml.safe_load((zero2 / "config.yaml").read_text())["engine"] == "deepspeed_zero2"
+    assert _token_ids(one) == _token_ids(zero2)
+    fdpg = name.startswith("fdpg")
+    _assert_metrics_close(_metrics(one), _metrics(zero2), fdpg=fdpg)
+    initial = load_file(str(runs / "model" / "model.safetensors"))
+    _assert_same_update(one, zero2, initial, FDPG_WEIGHT_RTOL if fdpg else WEIGHT_RTOL)
 
 
 @pytest.mark.multiprocess
@@ -396,19 +420,29 @@ def test_accelerate_configs_parse_as_accelerate_reads_them(name, engine):
         assert config.num_machines > 1
 
 
-@pytest.mark.parametrize("engine", ["DEEPSPEED", "MEGATRON_LM"])
-def test_engines_the_loop_does_not_run_are_refused_by_name(engine):
-    with pytest.raises(ProcessGroupError, match=rf"engine {engine} is not supported"):
-        check_engine(engine)
-    for supported in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP"):
+def test_engines_the_loop_does_not_run_are_refused_by_name(monkeypatch):
+    with pytest.raises(ProcessGroupError, match=r"engine MEGATRON_LM is not supported"):
+        check_engine("MEGATRON_LM")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    for supported in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED"):
         check_engine(supported)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")  # DEEPSPEED: Accelerate on GPUs
+    with pytest.raises(ConfigError, match=r"zero_stage: 3 .*ZeRO-3 is not supported yet"):
+        check_engine("DEEPSPEED")
 
 
-def test_a_launch_that_asked_for_deepspeed_is_refused_before_accelerate_drops_it(monkeypatch):
-    """`accelerate launch --config_file deepspeed_zero2.yaml` on a CPU machine: Accelerate makes
-    it MULTI_CPU without a word; kltrain refuses it from the launcher's variable."""
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ProcessGroupError, match=r"engine DEEPSPEED is not supported"):
+def test_a_launch_that_asked_for_zero3_is_refused_by_name_before_accelerate_drops_it(monkeypatch):
+    """`accelerate launch --config_file deepspeed_zero3.yaml` (on a CPU machine Accelerate makes
+    it MULTI_CPU without a word): refused from the launcher's variables, naming ZeRO-3 and saying
+    that ZeRO-2 is supported; a ZeRO-2 launch passes."""
+    for key, value in ZERO2_ENV.items():
+        monkeypatch.setenv(key, value)
+    refuse_requested_deepspeed()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ConfigError, match=r"ZeRO-3 is not supported yet.*ZeRO-2 is supported"):
+        refuse_requested_deepspeed()
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    with pytest.raises(ConfigError, match=r"zero_stage: None"):
         refuse_requested_deepspeed()
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
     refuse_requested_deepspeed()
@@ -465,3 +499,138 @@ def test_kltrain_fit_with_the_shipped_fsdp_config_runs_fsdp2(tmp_path):
     assert final.keys() == initial.keys()  # full weights, not one process's shard
     assert all(final[k].shape == initial[k].shape for k in final)
     assert any(not torch.equal(final[k], initial[k]) for k in final)  # it trained
+
+
+def _kltrain_fit(config: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "kltrain", "fit", str(config), "--num-processes", "2", *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.multiprocess
+def test_kltrain_fit_with_the_shipped_deepspeed_zero2_config_trains_saves_and_resumes(tmp_path):
+    """`kltrain fit CONFIG --num-processes 2 --accelerate-config
+    configs/accelerate/deepspeed_zero2.yaml` on a CPU machine (where Accelerate itself would drop
+    DeepSpeed for MULTI_CPU): a ZeRO-2 run of world size 2, recorded in config.yaml and the
+    checkpoints, whose optimizer.pt holds each process's partition of the AdamW state (PPO: the
+    value head partitioned with the policy). Resumed from step 1's checkpoint it writes step 2's
+    checkpoint bit for bit as the uninterrupted run did; on DDP processes it is refused, naming
+    both engines."""
+    from safetensors.torch import load_file as load
+
+    from tests.test_resume import assert_equal_nested
+
+    model = str(make_tiny_model_dir(tmp_path / "model"))
+    raw = loop_config_raw(model, tmp_path / "run")
+    raw["trainer"].update({"max_steps": 2, "save_every": 1, "keep_last": 2})
+    update_sections(raw, {"algorithm": {"name": "ppo", "num_generations": 2, "epochs": 2}})
+    update_sections(raw, {"kl": {"estimator": "k1", "placement": "reward"}})
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    zero2 = ("--accelerate-config", str(ACCELERATE_CONFIGS / "deepspeed_zero2.yaml"))
+    done = _kltrain_fit(config, *zero2)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "kltrain: world_size 2 (engine deepspeed_zero2, backend gloo" in done.stdout
+    run = tmp_path / "run"
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert (recorded["world_size"], recorded["engine"]) == (2, "deepspeed_zero2")
+    first, last = (run / "checkpoints" / f"step-{s:08d}" for s in (1, 2))
+    state = checkpoint.load_state(first)
+    assert (state["engine"], state["world_size"]) == ("deepspeed_zero2", 2)
+    per_process = checkpoint.load_tensors(first / "optimizer.pt")
+    assert len(per_process) == 2
+    policy = load(str(tmp_path / "model" / "model.safetensors"))
+    value_head = load(str(first / "modules" / "value_head.safetensors"))
+    # the policy's param group, then the value head's: each split over the processes (padded
+    # to a multiple of the process count), not whole on each
+    for group, weights in enumerate((policy, value_head)):
+        total = sum(t.numel() for t in weights.values())
+        sizes = [s["state"][group]["exp_avg"].numel() for s in per_process]
+        assert all(n < total for n in sizes) and total <= sum(sizes) < total + 2 * 64, sizes
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "checkpoints").mkdir()
+    shutil.copytree(first, resumed / "checkpoints" / first.name)
+    for name in ("config.yaml", "metrics.jsonl", "samples.jsonl"):
+        shutil.copy(run / name, resumed / name)
+    raw["trainer"]["output_dir"] = str(resumed)
+    config_resumed = tmp_path / "resumed.yaml"
+    config_resumed.write_text(yaml.safe_dump(raw))
+    checkpoint_1 = resumed / "checkpoints" / first.name
+    done = _kltrain_fit(config_resumed, *zero2, "--resume", str(checkpoint_1))
+    assert done.returncode == 0, done.stderr[-4000:]
+    again = resumed / "checkpoints" / last.name
+    for name in ("optimizer.pt", "scheduler.pt"):
+        assert_equal_nested(
+            checkpoint.load_tensors(last / name), checkpoint.load_tensors(again / name)
+        )
+    for sub in ("model/model.safetensors", "modules/value_head.safetensors"):
+        a, b = load(str(last / sub)), load(str(again / sub))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+
+    done = _kltrain_fit(config, "--resume", str(first))  # DDP
+    assert done.returncode != 0
+    assert "with engine deepspeed_zero2; this run is 2 with engine ddp" in done.stdout + done.stderr
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_zero2_skips_an_update_with_a_non_finite_loss_or_gradient(tmp_path):
+    """Under ZeRO-2 (2 processes) kltrain's guard holds: step 2's loss is NaN but its gradient
+    finite (DeepSpeed alone would apply it), step 3's gradient is NaN too (DeepSpeed's own
+    overflow skip); neither changes a weight, both are counted, step 1 trains."""
+    model = str(make_tiny_model_dir(tmp_path / "model"))
+    raw = loop_config_raw(model, tmp_path / "run")
+    raw["trainer"].update({"max_steps": 3, "prompts_per_step": 4, "max_consecutive_skips": 5})
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(free_port()), "-m", "tests.helpers.zero2_skip", str(config)]
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(
+        command, cwd=REPO, env={**env, **ZERO2_ENV}, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "engine deepspeed_zero2" in done.stdout
+    moved = json.loads((tmp_path / "run" / "moved.json").read_text())
+    assert moved == {"1": True, "2": False, "3": False}
+    metrics = _metrics(tmp_path / "run")
+    assert [m["train/skipped"] for m in metrics] == [0, 1, 1]
+    assert [m["train/skipped_total"] for m in metrics] == [0, 1, 2]
+
+
+def test_zero2_settings_map_max_grad_norm_and_refuse_what_kltrain_does_not_honour(monkeypatch):
+    """The engine's DeepSpeed config from a ZeRO-2 launch: clipping is trainer.max_grad_norm
+    (a file that says otherwise is refused naming both), kltrain owns accumulation (the
+    engine's boundary is its step) and precision is fp32; bf16, offload and accumulation in the
+    file are refused by key."""
+    from kltrain.training.deepspeed_engine import Zero2Settings
+
+    for key, value in ZERO2_ENV.items():
+        monkeypatch.setenv(key, value)
+    config = Zero2Settings.from_accelerate("no", 1.0, micro_batch_size=4, world=2).config
+    assert config["gradient_clipping"] == 1.0 and config["zero_optimization"]["stage"] == 2
+    assert config["managed_gradient_accumulation"] is False
+    assert config["gradient_accumulation_steps"] == 1 and config["train_batch_size"] == 8
+    assert config["bf16"] == config["fp16"] == {"enabled": False}
+    sized = Zero2Settings.from_accelerate("no", 1.0, 4, world=2, hidden_size=576).config
+    assert sized["zero_optimization"]["reduce_bucket_size"] == 576 * 576  # as Accelerate's auto
+    assert sized["zero_optimization"]["allgather_bucket_size"] == 576 * 576
+    for max_grad_norm in (0.5, None):
+        with pytest.raises(ConfigError, match=rf"gradient_clipping: 1.0 .*={max_grad_norm}"):
+            Zero2Settings.from_accelerate("no", max_grad_norm, micro_batch_size=4, world=2)
+    with pytest.raises(ConfigError, match=r"mixed_precision: bf16"):
+        Zero2Settings.from_accelerate("bf16", 1.0, micro_batch_size=4, world=2)
+    with pytest.raises(ConfigError, match=r"model.dtype: bf16 under DeepSpeed"):
+        Zero2Settings.from_accelerate("no", 1.0, micro_batch_size=4, world=2, model_dtype="bf16")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    with pytest.raises(ConfigError, match=r"offload_optimizer_device: cpu"):
+        Zero2Settings.from_accelerate("no", 1.0, micro_batch_size=4, world=2)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps: 2"):
+        Zero2Settings.from_accelerate("no", 1.0, micro_batch_size=4, world=2)
+    monkeypatch.delenv("ACCELERATE_GRADIENT_CLIPPING")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    unset = Zero2Settings.from_accelerate("no", None, micro_batch_size=4, world=2).config
+    assert unset["gradient_clipping"] == 0.0  # not in the file: trainer.max_grad_norm (none)

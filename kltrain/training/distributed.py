@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kltrain.config import ConfigError, RunConfig
 from kltrain.rl.reduction import Reduced, finish
-from kltrain.training import fsdp
+from kltrain.training import deepspeed_engine, fsdp
 
 #: Environment variables through which launchers announce the number of processes they started
 #: (torchrun/Accelerate: WORLD_SIZE; MPI launchers: the others, as Accelerate reads them).
@@ -54,18 +54,27 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
             "group: launch 2 or more (`kltrain fit CONFIG --num-processes N --accelerate-config "
             "configs/accelerate/fsdp.yaml`), or drop the FSDP config to train on one process"
         )
+    if deepspeed_engine.requested() and acc.num_processes == 1:
+        raise ProcessGroupError(
+            "the Accelerate config asks for DeepSpeed ZeRO-2 but this is one process: launch 2 or "
+            "more (`kltrain fit CONFIG --num-processes N --accelerate-config "
+            "configs/accelerate/deepspeed_zero2.yaml`), or drop it to train on one process"
+        )
     return acc
 
 
-#: Accelerate engines the loop runs on: none (1 process), DDP (CPU gloo / GPU NCCL) and FSDP
-#: (version 2; also asked for on a CPU machine, where Accelerate reports MULTI_CPU).
-SUPPORTED_ENGINES = ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP")
+#: Accelerate engines the loop runs on: none (1 process), DDP (CPU gloo / GPU NCCL), FSDP
+#: (version 2; also asked for on a CPU machine, where Accelerate reports MULTI_CPU) and DeepSpeed
+#: ZeRO-2 (on GPUs Accelerate reports DEEPSPEED, on a CPU machine MULTI_CPU; kltrain builds the
+#: engine itself, :mod:`kltrain.training.deepspeed_engine`).
+SUPPORTED_ENGINES = ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED")
 
 
 def check_engine(distributed_type: str) -> None:
-    """Refuse DeepSpeed (and anything else) before it shards the policy: the chunked lm_head
-    path reads the lm_head weight outside ``forward``, which ZeRO-3 hands out partitioned, and
-    generation, scoring and checkpoints are not wired to gather it."""
+    """Refuse an engine the loop is not wired to (e.g. Megatron-LM) before it wraps the policy;
+    DeepSpeed's stage is checked from the launch (:func:`refuse_requested_deepspeed`)."""
+    if distributed_type == "DEEPSPEED":
+        deepspeed_engine.check_stage(deepspeed_engine.requested_stage())
     if distributed_type not in SUPPORTED_ENGINES:
         raise ProcessGroupError(
             f"Accelerate engine {distributed_type} is not supported by kltrain's loop yet "
@@ -77,16 +86,20 @@ def check_engine(distributed_type: str) -> None:
 
 def refuse_requested_deepspeed() -> None:
     """A launch that asked for DeepSpeed (``ACCELERATE_USE_DEEPSPEED``, set by ``accelerate
-    launch`` from a DeepSpeed config) is refused before the Accelerator exists: on a CPU machine
-    Accelerate drops DeepSpeed silently and the run would train data-parallel instead."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1", "yes"):
-        check_engine("DEEPSPEED")
+    launch`` from a DeepSpeed config) with another stage than ZeRO-2 (ZeRO-3, or none named) is
+    refused before the Accelerator exists, naming the stage: on a CPU machine Accelerate drops
+    DeepSpeed silently and the run would otherwise train data-parallel."""
+    if deepspeed_engine.requested():
+        deepspeed_engine.check_stage(deepspeed_engine.requested_stage())
 
 
 def engine(acc: Accelerator) -> str:
-    """The engine this run trains with: ``fsdp2``, ``ddp`` or ``none`` (one process)."""
+    """The engine this run trains with: ``fsdp2``, ``deepspeed_zero2``, ``ddp`` or ``none``
+    (one process)."""
     if acc.num_processes > 1 and (fsdp.requested() or acc.distributed_type.value == "FSDP"):
         return "fsdp2"
+    if acc.num_processes > 1 and deepspeed_engine.requested():
+        return deepspeed_engine.ENGINE
     return "ddp" if acc.num_processes > 1 else "none"
 
 

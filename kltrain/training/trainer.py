@@ -53,7 +53,7 @@ from kltrain.rewards import RewardFunction
 from kltrain.rl.coef import make_coef
 from kltrain.rl.reduction import max_of
 from kltrain.rollout import Rollout, completion_hidden, measure, sample_rollout, tempered
-from kltrain.training import checkpoint, distributed, fsdp, preemption, run_folder
+from kltrain.training import checkpoint, deepspeed_engine, distributed, fsdp, preemption, run_folder
 from kltrain.training.tracking import RunLogger, StepResult
 
 #: Per-token statistics summed inside the lm_head kernel over this process's tokens (each
@@ -179,6 +179,8 @@ class Trainer:
             num_warmup_steps=cfg.trainer.warmup_steps,
             num_training_steps=cfg.trainer.max_steps,
         )
+        if self.engine == deepspeed_engine.ENGINE:  # after the weights were loaded (resume)
+            self._build_zero2()
         logged = {n: get_divergence(n) for n in LOGGED_DIVERGENCES}
         logged[self.regulariser.divergence.name] = self.regulariser.divergence
         self.measured_divergences = list(logged.values())
@@ -235,8 +237,12 @@ class Trainer:
                     f"over fp32 master weights; model.dtype is {self.cfg.model.dtype}: set "
                     "model.dtype: fp32, or mixed_precision: no"
                 )
-        self.policy_forward = distributed.prepare_policy(
-            acc, distributed.PolicyHidden(self.models.policy, completion_hidden), settings
+        hidden = distributed.PolicyHidden(self.models.policy, completion_hidden)
+        self.zero2: deepspeed_engine.Zero2 | None = None  # DeepSpeed: built with the optimizer
+        self.policy_forward = (
+            hidden
+            if self.engine == deepspeed_engine.ENGINE
+            else distributed.prepare_policy(acc, hidden, settings)
         )
         self.reference_forward = None
         if settings is not None and self.models.reference is not None:
@@ -244,6 +250,23 @@ class Trainer:
                 self.models.reference, completion_hidden
             )
             distributed.shard_and_init(self.reference_forward, settings, acc.device)
+
+    def _build_zero2(self) -> None:
+        """DeepSpeed ZeRO-2 around the training forward and the AdamW (all param groups: the
+        algorithm's modules are partitioned and reduced with the policy); the scheduler keeps
+        driving that AdamW's param groups."""
+        cfg, acc = self.cfg, self.accelerator
+        settings = deepspeed_engine.Zero2Settings.from_accelerate(
+            acc.mixed_precision,
+            cfg.trainer.max_grad_norm,
+            cfg.trainer.micro_batch_size,
+            acc.num_processes,
+            cfg.model.dtype,
+            getattr(self.models.policy.config, "hidden_size", None),
+        )
+        root = deepspeed_engine.TrainedModules(self.policy_forward, self.algorithm.modules())
+        self.zero2 = deepspeed_engine.Zero2(root, self.optimizer, settings, acc.num_processes)
+        self.policy_forward = self.zero2.engine
 
     def _full_weights(self, blocks: bool = True) -> AbstractContextManager:
         """Inside: the sharded models' full weights (FSDP2; all processes enter it); a no-op for
@@ -263,9 +286,14 @@ class Trainer:
             )
         return groups
 
-    def _algorithm_modules(self) -> dict[str, torch.nn.Module]:
-        """Everything the algorithm owns that a checkpoint holds: trainable and frozen."""
-        return {**self.algorithm.modules(), **self.algorithm.frozen_modules()}
+    def _algorithm_modules(self, saving: bool = False) -> dict[str, torch.nn.Module]:
+        """Everything the algorithm owns that a checkpoint holds: trainable and frozen. ``saving``
+        under DeepSpeed: the trainable ones as copies owning their storage (ZeRO-2 made their
+        parameters views into its flat buffer, which safetensors refuses to write)."""
+        trainable = self.algorithm.modules()
+        if saving and self.zero2 is not None:
+            trainable = deepspeed_engine.owned_copies(trainable)
+        return {**trainable, **self.algorithm.frozen_modules()}
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -512,16 +540,24 @@ class Trainer:
             part = rows[start : start + micro]
             with distributed.sync_context(self.policy_forward, sync=start == starts[-1]):
                 loss = self._micro_batch_loss(batch, part, num_tokens, sums)
-                loss.backward()
+                if self.zero2 is None:
+                    loss.backward()
+                else:
+                    self.zero2.backward(loss)
             loss_total += loss.detach()
-        distributed.all_reduce_gradients(self.accelerator, self.module_params)
-        grad_norm = self._clip_gradients()
-        loss_value = self._sum_across(loss_total)
+        if self.zero2 is not None:  # DeepSpeed reduces, clips and steps (skips) in one call
+            loss_value = self._sum_across(loss_total)
+            grad_norm = self.zero2.step(discard=not math.isfinite(loss_value))
+        else:
+            distributed.all_reduce_gradients(self.accelerator, self.module_params)
+            grad_norm = self._clip_gradients()
+            loss_value = self._sum_across(loss_total)
         sums["loss"] += loss_value
         sums["grad_norm"] += grad_norm
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
-            self.optimizer.step()
+            if self.zero2 is None:
+                self.optimizer.step()
             self._check_weights_finite(step)
             self.state.consecutive_skips = 0
         else:
@@ -711,6 +747,8 @@ class Trainer:
         if self.engine == "fsdp2":  # collectives: full weights, every process's optimizer shard
             model_state = fsdp.full_state_dict(self.models.policy)
             optimizer_state = gather_object([fsdp.local_optimizer_state(self.optimizer)])
+        elif self.zero2 is not None:  # each process's AdamW state over its flat partition
+            optimizer_state = gather_object([self.optimizer.state_dict()])
         self.accelerator.wait_for_everyone()
         self._saved_step = captured["step"]
         if not self.accelerator.is_main_process:
@@ -725,7 +763,7 @@ class Trainer:
             self.output_dir / "checkpoints",
             step=captured["step"],
             model=self.models.policy,
-            modules=self._algorithm_modules(),
+            modules=self._algorithm_modules(saving=True),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             states=states,
@@ -765,6 +803,8 @@ class Trainer:
             fsdp.load_local_optimizer_state(
                 self.optimizer, optimizer_state[self.accelerator.process_index]
             )
+        elif self.zero2 is not None:  # its AdamW over this process's flat partition
+            self.optimizer.load_state_dict(optimizer_state[self.accelerator.process_index])
         else:
             self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(checkpoint.load_tensors(path / "scheduler.pt"))
@@ -792,14 +832,14 @@ class Trainer:
         if world != self.accelerator.num_processes:
             changes.append(f"processes: {world} → {self.accelerator.num_processes}")
         saved_engine = state.get("engine", "none" if world == 1 else "ddp")
-        sharded = "fsdp2" in (saved_engine, self.engine)
+        sharded = {"fsdp2", deepspeed_engine.ENGINE} & {saved_engine, self.engine}
         if sharded and (saved_engine, world) != (self.engine, self.accelerator.num_processes):
             # the optimizer state is stored per process, of its shards: no resharding
             raise checkpoint.CheckpointError(
                 f"{path} was written by {world} processes with engine {saved_engine}; this run "
-                f"is {self.accelerator.num_processes} with engine {self.engine}. An FSDP2 "
-                "checkpoint's optimizer state is per process: resume it with the same engine "
-                "and process count (its model/ folder holds the full weights for a new run)"
+                f"is {self.accelerator.num_processes} with engine {self.engine}. An FSDP2 or "
+                "DeepSpeed checkpoint's optimizer state is per process: resume it with the same "
+                "engine and process count (its model/ folder holds the full weights for a new run)"
             )
         if not changes:
             return
@@ -845,8 +885,9 @@ class Trainer:
             given = {} if weights is None else {"state_dict": weights}
             self.models.policy.save_pretrained(final, safe_serialization=True, **given)
             self.models.tokenizer.save_pretrained(final)
-            for name, module in self.algorithm.modules().items():
-                save_file(module.state_dict(), str(final / f"{name}.safetensors"))
+            saved = self._algorithm_modules(saving=True)
+            for name in self.algorithm.modules():
+                save_file(saved[name].state_dict(), str(final / f"{name}.safetensors"))
 
 
 class _Clock:

@@ -223,6 +223,24 @@ FSDP2_ENV = {
 }
 
 
+#: What ``accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml
+#: --mixed_precision no`` tells each process (``prepare_deepspeed_cmd_env`` turns the file's keys
+#: into these variables), for torchrun launches in tests: ZeRO-2, clipping at 1.0 (the default
+#: trainer.max_grad_norm), no offload, fp32.
+ZERO2_ENV = {
+    "ACCELERATE_USE_DEEPSPEED": "true",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1",
+    "ACCELERATE_GRADIENT_CLIPPING": "1.0",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
+    "ACCELERATE_CONFIG_DS_FIELDS": "zero_stage,gradient_accumulation_steps,gradient_clipping,"
+    "offload_optimizer_device,offload_param_device,zero3_init_flag",
+    "ACCELERATE_MIXED_PRECISION": "no",
+}
+
+
 def run_processes(
     argv: list[str],
     nproc: int,
