@@ -265,55 +265,29 @@ def test_two_processes_form_one_group_and_record_its_size(runs):
     assert yaml.safe_load((runs / "rloo_exact-w1" / "config.yaml").read_text())["world_size"] == 1
 
 
+#: The 2-process launches, each compared with the 1-process run: tag → the engine it records.
+#: DDP (gradients all-reduced); FSDP2 (policy and reference sharded, gradients reduce-scattered,
+#: the lm_head gathered once per micro-batch, full weights gathered for generation and the
+#: scoring passes); DeepSpeed ZeRO-2 (optimizer state and gradients partitioned, the gradient
+#: reduced per micro-batch into each process's partition, DeepSpeed's own clipping and step,
+#: PPO's value head partitioned with the policy). Each differs from one process only in which
+#: process sums which gradient entries (and ZeRO-2 in a rounding of the clip coefficient): fp32
+#: reduction order, so all share the DDP comparison's bounds.
+TWO_PROCESS_ENGINES = {"w2": "ddp", "fsdp2": "fsdp2", "zero2": "deepspeed_zero2"}
+
+
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("tag", TWO_PROCESS_ENGINES)
 @pytest.mark.parametrize("name", [n for n, (_, both) in RUNS.items() if both])
-def test_one_and_two_processes_run_the_same_run(runs, name):
-    one, two = runs / f"{name}-w1", runs / f"{name}-w2"
+def test_one_and_two_processes_run_the_same_run(runs, name, tag):
+    one, two = runs / f"{name}-w1", runs / f"{name}-{tag}"
+    assert yaml.safe_load((two / "config.yaml").read_text())["engine"] == TWO_PROCESS_ENGINES[tag]
     assert _token_ids(one) == _token_ids(two)
     assert len(_token_ids(one)[0]["ids"]) == 8  # 4 prompts × 2 samples, all gathered
     fdpg = name.startswith("fdpg")
     _assert_metrics_close(_metrics(one), _metrics(two), fdpg=fdpg)
     initial = load_file(str(runs / "model" / "model.safetensors"))
     _assert_same_update(one, two, initial, FDPG_WEIGHT_RTOL if fdpg else WEIGHT_RTOL)
-
-
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("name", [n for n, (_, both) in RUNS.items() if both])
-def test_fsdp2_on_two_processes_runs_the_one_process_run(runs, name):
-    """FSDP2 (policy and reference sharded over 2 gloo processes, gradients reduce-scattered,
-    the lm_head gathered once per micro-batch, full weights gathered for generation and the
-    scoring passes): the same sampled ids, metrics and update as one unsharded process, within
-    the DDP comparison's bounds (sharding changes which process sums which gradient entries:
-    reduction order only)."""
-    one, sharded = runs / f"{name}-w1", runs / f"{name}-fsdp2"
-    assert yaml.safe_load((sharded / "config.yaml").read_text())["engine"] == "fsdp2"
-    assert _token_ids(one) == _token_ids(sharded)
-    fdpg = name.startswith("fdpg")
-    _assert_metrics_close(_metrics(one), _metrics(sharded), fdpg=fdpg)
-    initial = load_file(str(runs / "model" / "model.safetensors"))
-    _assert_same_update(one, sharded, initial, FDPG_WEIGHT_RTOL if fdpg else WEIGHT_RTOL)
-
-
-#: The runs the DeepSpeed ZeRO-2 launch repeats: all that the 2-process launches run.
-ZERO2_RUNS = [n for n, (_, both) in RUNS.items() if both]
-
-
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("name", ZERO2_RUNS)
-def test_deepspeed_zero2_on_two_processes_runs_the_one_process_run(runs, name):
-    """DeepSpeed ZeRO-2 (optimizer state and gradients partitioned over 2 gloo processes, the
-    gradient reduced per micro-batch into each process's partition, DeepSpeed's own clipping
-    and step; PPO's value head partitioned with the policy): the same sampled ids, metrics and
-    update as one process, within the DDP comparison's bounds (only which process sums which
-    gradient entries, and DeepSpeed's norm and clip arithmetic, differ: fp32 reduction order and
-    a rounding of the clip coefficient)."""
-    one, zero2 = runs / f"{name}-w1", runs / f"{name}-zero2"
-    assert yaml.safe_load((zero2 / "config.yaml").read_text())["engine"] == "deepspeed_zero2"
-    assert _token_ids(one) == _token_ids(zero2)
-    fdpg = name.startswith("fdpg")
-    _assert_metrics_close(_metrics(one), _metrics(zero2), fdpg=fdpg)
-    initial = load_file(str(runs / "model" / "model.safetensors"))
-    _assert_same_update(one, zero2, initial, FDPG_WEIGHT_RTOL if fdpg else WEIGHT_RTOL)
 
 
 @pytest.mark.multiprocess
