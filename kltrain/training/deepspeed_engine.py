@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import parse_flag_from_env
 from torch import Tensor
 
 from kltrain.config import ConfigError
@@ -59,7 +60,7 @@ ENGINE = "deepspeed_zero2"
 def requested() -> bool:
     """Whether the launch asked for DeepSpeed (``accelerate launch`` with a DeepSpeed config sets
     ``ACCELERATE_USE_DEEPSPEED``), whatever engine Accelerate then formed."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1", "yes")
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
 
 
 def requested_stage() -> int | None:

@@ -26,13 +26,13 @@ every device, so the path the CPU tests run is the one GPUs run.
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import parse_flag_from_env
 from torch import Tensor
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -46,7 +46,7 @@ _PARAM_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def requested() -> bool:
     """Whether the launch asked for FSDP (``accelerate launch --config_file fsdp.yaml`` or
     ``--use_fsdp`` sets ``ACCELERATE_USE_FSDP``), whatever engine Accelerate then formed."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1", "yes")
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
 @dataclass(frozen=True)
