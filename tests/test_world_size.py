@@ -2,8 +2,8 @@
 
 Same global batch and seed → identical sampled token ids (each sample's generation stream derives
 from (seed, step, global sample index)), identical per-step metrics up to fp32 reduction order,
-and final weights equal up to the same. Gradient accumulation × world size 1×1, 1×4 and 2×2 give
-the same update. Two launches serve every comparison (one per world size: starting a process
+and final weights equal up to the same. Gradient accumulation × world size 1×1, 1×4, 2×2 and 4×1
+give the same update. Two launches serve every comparison (one per world size: starting a process
 costs seconds on this CPU), so the tests share a module fixture.
 """
 
@@ -201,11 +201,12 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     model = str(make_tiny_model_dir(root / "model"))
     launches = [(1, "w1", None), (2, "w2", None), (2, "fsdp2", FSDP2_ENV), (2, "zero2", ZERO2_ENV)]
+    launches.append((4, "w4", None))  # 4 processes × 1 micro-batch: the whole-batch run only
     for world, tag, env in launches:
         configs = [
             _config(root, model, name, tag, sections)
             for name, (sections, both) in RUNS.items()
-            if world == 1 or both
+            if world == 1 or (both and world == 2) or (world == 4 and name == "rloo_exact_whole")
         ]
         _launch(root, world, configs, tag, env)
     return root
@@ -292,17 +293,21 @@ def test_one_and_two_processes_run_the_same_run(runs, name, tag):
 
 @pytest.mark.multiprocess
 def test_accumulation_times_world_size_gives_the_same_update(runs):
-    """1 × 1 (one micro-batch), 1 × 4 and 2 × 2 (processes × micro-batches)."""
+    """1 × 1 (one micro-batch), 1 × 4, 2 × 2 and 4 × 1 (processes × micro-batches)."""
     initial = load_file(str(runs / "model" / "model.safetensors"))
-    whole, four, two_by_two = (
+    whole, four, two_by_two, four_by_one = (
         runs / "rloo_exact_whole-w1",
         runs / "rloo_exact-w1",
         runs / "rloo_exact-w2",
+        runs / "rloo_exact_whole-w4",
     )
-    assert _token_ids(whole) == _token_ids(four) == _token_ids(two_by_two)
-    _assert_metrics_close(_metrics(whole), _metrics(four))
-    _assert_same_update(whole, four, initial)
-    _assert_same_update(whole, two_by_two, initial)
+    assert yaml.safe_load((four_by_one / "config.yaml").read_text())["world_size"] == 4
+    ids = _token_ids(whole)
+    assert ids == _token_ids(four) == _token_ids(two_by_two) == _token_ids(four_by_one)
+    for other in (four, four_by_one):
+        _assert_metrics_close(_metrics(whole), _metrics(other))
+    for other in (four, two_by_two, four_by_one):
+        _assert_same_update(whole, other, initial)
 
 
 # ----------------------------------------------------------------------------------------------
