@@ -251,6 +251,43 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_model, tmp_pa
     assert checkpoint.is_complete(root / "step-00000001")
 
 
+def test_disk_full_while_a_process_writes_its_optimizer_shard_keeps_the_previous_checkpoint(
+    tiny_model, tmp_path, monkeypatch
+):
+    """A sharding engine's processes each write their own optimizer state into a staging folder
+    (here one process, the engine's name set as FSDP2/ZeRO runs set it): a write that fails
+    stops the save with the process and the reason, removes the staging folder and leaves the
+    previous checkpoint, whose per-process state round-trips."""
+    import errno
+
+    from kltrain.training import deepspeed_engine
+
+    out = tmp_path / "run"
+    trainer = Trainer(cfg(tiny_model, out, trainer={"max_steps": 2, "save_every": 1}))
+    trainer.engine = deepspeed_engine.ENGINE  # the optimizer itself stays torch's AdamW
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "step-00000002" in str(path) and "process-00000" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match=r"process 0's optimizer.*step 2.*space"):
+        trainer.fit()
+    root = out / "checkpoints"
+    assert [p.name for p in root.iterdir()] == ["step-00000001"]  # no staging folder left
+    first = root / "step-00000001"
+    assert sorted(p.name for p in (first / "optimizer").iterdir()) == ["process-00000.pt"]
+    assert not (first / "optimizer.pt").exists()
+    saved = checkpoint.load_process_state(first, 0)
+    assert saved["state"] and all(
+        torch.isfinite(s["exp_avg"]).all() for s in saved["state"].values()
+    )
+    with pytest.raises(checkpoint.CheckpointError, match=r"no optimizer state for process 1"):
+        checkpoint.load_process_state(first, 1)
+
+
 def test_exit_3_without_a_checkpoint_says_so_and_prints_no_summary(tiny_model, tmp_path, capsys):
     import yaml
 

@@ -390,7 +390,8 @@ def assert_same_run(ref: Path, run: Path, last: int = 12) -> None:
         for file in folder_a.glob("*.safetensors"):
             ta, tb = load_file(str(file)), load_file(str(folder_b / file.name))
             assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
-    for name in ("optimizer.pt", "scheduler.pt"):
+    names = [p.relative_to(a).as_posix() for p in a.glob("optimizer*/*.pt")] or ["optimizer.pt"]
+    for name in [*names, "scheduler.pt"]:  # a sharding engine's: optimizer/process-*.pt
         assert_equal_nested(checkpoint.load_tensors(a / name), checkpoint.load_tensors(b / name))
     sa, sb = checkpoint.load_state(a), checkpoint.load_state(b)
     assert sa["trainer"].pop("wandb_run_id") and sb["trainer"].pop("wandb_run_id")

@@ -84,6 +84,7 @@ FDPG_WEIGHT_RTOL = 0.1
 WEIGHT_RTOL = 4096 * 2.0**-24
 
 LETTER_E = "tests.helpers.loop_rewards:letter_e_count"
+MODEL = "<the tiny model's folder>"  # replaced by _config
 
 #: name → (sections, whether the 2-process launch runs it too)
 RUNS = {
@@ -132,6 +133,21 @@ RUNS = {
         },
         True,
     ),
+    # PPO with a separate value model (MODEL: the tiny model's folder), sharded like the policy
+    # under FSDP2, partitioned with it under ZeRO; its micro-batches are uneven over the
+    # processes (0-4 of a minibatch's rows), so a padding micro-batch must run it too
+    "ppo_value_model": (
+        {
+            "algorithm": {
+                "name": "ppo",
+                "num_generations": 2,
+                "num_minibatches": 2,
+                "ppo": {"value_model": MODEL},
+            },
+            "kl": {"estimator": "k1", "placement": "reward"},
+        },
+        True,
+    ),
     # LoRA: one model serves policy and reference (adapters disabled); the adapters' random
     # init must be process 0's on every process (FSDP2 shards each process's own copy)
     "rloo_lora": (
@@ -159,7 +175,7 @@ def _config(root: Path, model: str, name: str, tag: str, sections: dict) -> Path
     raw = loop_config_raw(model, out)
     raw["trainer"].update({"prompts_per_step": 4, "micro_batch_size": 4})
     raw["seed"] = 11
-    update_sections(raw, json.loads(json.dumps(sections)))
+    update_sections(raw, json.loads(json.dumps(sections).replace(MODEL, model)))
     raw = {k: {n: v for n, v in s.items() if v is not None} if isinstance(s, dict) else s
            for k, s in raw.items()}  # fmt: skip
     path = root / f"{name}-{tag}.yaml"
@@ -221,7 +237,9 @@ def _token_ids(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "token_ids.jsonl").read_text().splitlines()]
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
+def _weights(run: Path, file: str | None = None) -> dict[str, torch.Tensor]:
+    if file is not None:
+        return load_file(str(run / "final" / file))
     adapter = run / "final" / "adapter_model.safetensors"
     return load_file(str(adapter if adapter.exists() else run / "final" / "model.safetensors"))
 
@@ -244,9 +262,13 @@ def _assert_metrics_close(a: list[dict], b: list[dict], fdpg: bool = False) -> N
 
 
 def _assert_same_update(
-    a: Path, b: Path, initial: dict[str, torch.Tensor], rtol: float = WEIGHT_RTOL
+    a: Path,
+    b: Path,
+    initial: dict[str, torch.Tensor],
+    rtol: float = WEIGHT_RTOL,
+    file: str | None = None,
 ) -> None:
-    wa, wb = _weights(a), _weights(b)
+    wa, wb = _weights(a, file), _weights(b, file)
     if "lora_B" in " ".join(wa):  # LoRA: B starts at 0, so B is the update (A's start is random)
         initial = {k: torch.zeros_like(v) for k, v in wa.items() if "lora_B" in k}
     da = torch.cat([(wa[k].double() - initial[k].double()).flatten() for k in sorted(initial)])
@@ -289,6 +311,26 @@ def test_one_and_two_processes_run_the_same_run(runs, name, tag):
     _assert_metrics_close(_metrics(one), _metrics(two), fdpg=fdpg)
     initial = load_file(str(runs / "model" / "model.safetensors"))
     _assert_same_update(one, two, initial, FDPG_WEIGHT_RTOL if fdpg else WEIGHT_RTOL)
+    if name == "ppo_value_model":  # its trunk started as the model's, its head at 0
+        value = load_file(str(one / "final" / "value_model.safetensors"))
+        start = {k: initial[k.replace("trunk.", "model.", 1)] for k in value if "trunk." in k}
+        start |= {k: torch.zeros_like(v) for k, v in value.items() if k not in start}
+        _assert_same_update(one, two, start, WEIGHT_RTOL, file="value_model.safetensors")
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_shards_a_separate_value_model_like_the_policy(runs):
+    """PPO's value model (a whole decoder trunk) is not replicated under FSDP2: each process holds
+    about half of it (FSDP2 pads each parameter's shard to ⌈numel/2⌉ rows); under DDP each holds
+    all of it."""
+    shares = json.loads((runs / "ppo_value_model-fsdp2" / "modules.json").read_text())
+    assert len(shares) == 2
+    for share in shares:
+        value = share["value_model"]
+        assert value["local"] < 0.6 * value["full"], value
+    assert sum(s["value_model"]["local"] for s in shares) >= shares[0]["value_model"]["full"]
+    replicated = json.loads((runs / "ppo_value_model-w2" / "modules.json").read_text())
+    assert all(s["value_model"]["local"] == s["value_model"]["full"] for s in replicated)
 
 
 @pytest.mark.multiprocess
@@ -472,12 +514,21 @@ def test_kltrain_fit_with_the_shipped_fsdp_config_runs_fsdp2(tmp_path):
     state = checkpoint.load_state(saved)
     assert (state["engine"], state["world_size"]) == ("fsdp2", 2)
     assert "eval/reward/mean" in json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
-    assert len(checkpoint.load_tensors(saved / "optimizer.pt")) == 2  # one state per process
+    _assert_one_optimizer_file_per_process(saved, 2)
     final = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
     initial = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert final.keys() == initial.keys()  # full weights, not one process's shard
     assert all(final[k].shape == initial[k].shape for k in final)
     assert any(not torch.equal(final[k], initial[k]) for k in final)  # it trained
+
+
+def _assert_one_optimizer_file_per_process(saved: Path, world: int) -> None:
+    """A sharding engine's checkpoint: each process wrote its own optimizer state (no gather of
+    every state to process 0, no single optimizer.pt), and no staging folder is left behind."""
+    files = sorted(p.name for p in (saved / "optimizer").iterdir())
+    assert files == [f"process-{i:05d}.pt" for i in range(world)]
+    assert not (saved / "optimizer.pt").exists()
+    assert not list(saved.parent.glob(f"{checkpoint.STAGING_PREFIX}*"))
 
 
 def _kltrain_fit(config: Path, *args: str) -> subprocess.CompletedProcess:
@@ -516,8 +567,8 @@ def test_kltrain_fit_with_the_shipped_deepspeed_zero2_config_trains_saves_and_re
     first, last = (run / "checkpoints" / f"step-{s:08d}" for s in (1, 2))
     state = checkpoint.load_state(first)
     assert (state["engine"], state["world_size"]) == ("deepspeed_zero2", 2)
-    per_process = checkpoint.load_tensors(first / "optimizer.pt")
-    assert len(per_process) == 2
+    _assert_one_optimizer_file_per_process(first, 2)
+    per_process = [checkpoint.load_process_state(first, i) for i in range(2)]
     policy = load(str(tmp_path / "model" / "model.safetensors"))
     value_head = load(str(first / "modules" / "value_head.safetensors"))
     # the policy's param group, then the value head's: each split over the processes (padded
@@ -540,7 +591,7 @@ def test_kltrain_fit_with_the_shipped_deepspeed_zero2_config_trains_saves_and_re
     done = _kltrain_fit(config_resumed, *zero2, "--resume", str(checkpoint_1))
     assert done.returncode == 0, done.stderr[-4000:]
     again = resumed / "checkpoints" / last.name
-    for name in ("optimizer.pt", "scheduler.pt"):
+    for name in ("optimizer/process-00000.pt", "optimizer/process-00001.pt", "scheduler.pt"):
         assert_equal_nested(
             checkpoint.load_tensors(last / name), checkpoint.load_tensors(again / name)
         )

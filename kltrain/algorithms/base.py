@@ -74,11 +74,19 @@ class Algorithm(ABC):
         return g.key, line
 
     def hidden_loss(
-        self, hidden: Tensor, batch: TrainBatch, rows: Tensor, num_tokens: int
+        self,
+        hidden: Tensor,
+        batch: TrainBatch,
+        rows: Tensor,
+        num_tokens: int,
+        mask: Tensor | None = None,
     ) -> Tensor | None:
         """Extra loss on the policy's completion hidden states [b, T, H] (e.g. PPO's value head),
-        normalised by the global token count; None when the algorithm has none."""
-        del hidden, batch, rows, num_tokens
+        normalised by the global token count; None when the algorithm has none. ``mask`` [b, T]:
+        the tokens that count, default the rows' completion mask; a process's padding
+        micro-batch passes an all-False one, so that its modules still run forward and backward
+        (their engine's collectives pair with the other processes') and add nothing."""
+        del hidden, batch, rows, num_tokens, mask
         return None
 
     def pop_update_sums(self) -> dict[str, float]:

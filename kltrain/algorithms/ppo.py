@@ -116,7 +116,12 @@ class Ppo(Algorithm):
 
     # ------------------------------------------------------------------------------------------
     def hidden_loss(
-        self, hidden: Tensor, batch: TrainBatch, rows: Tensor, num_tokens: int
+        self,
+        hidden: Tensor,
+        batch: TrainBatch,
+        rows: Tensor,
+        num_tokens: int,
+        mask: Tensor | None = None,
     ) -> Tensor | None:
         """``value_coef · Σ_valid token_value_loss / num_tokens`` on the rows' current values."""
         r = batch.rollout
@@ -125,7 +130,7 @@ class Ppo(Algorithm):
             values,
             batch.extras["old_values"][rows],
             batch.extras["returns"][rows],
-            r.completion_mask[rows],
+            r.completion_mask[rows] if mask is None else mask,
             num_tokens,
             self.ppo.value_clip_range,
         )

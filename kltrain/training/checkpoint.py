@@ -1,13 +1,15 @@
 """Atomic checkpoints of the run state, and resuming from them.
 
-Layout: ``<run>/checkpoints/step-00000012/`` holding ``model/`` (safetensors via
-``save_pretrained``, or the PEFT adapter), ``modules/<name>.safetensors`` (algorithm-owned modules
-such as a value head), ``optimizer.pt`` and ``scheduler.pt`` (tensors and plain values only, read
-back with ``weights_only=True``), ``state.json`` (step and every stateful object's
-``state_dict()``; tensors inside a state are stored in ``state_tensors.pt``, also read with
-``weights_only=True``, and referred to by name), ``rng.json`` (every process's Python, NumPy,
-torch and CUDA generator states),
-``config.yaml`` (the resolved config) and, written last, the completeness marker ``COMPLETE``.
+Layout: ``<run>/checkpoints/step-00000012/`` holding
+- ``model/`` (safetensors via ``save_pretrained``, or the PEFT adapter);
+- ``modules/<name>.safetensors`` (algorithm-owned modules such as a value head);
+- ``optimizer.pt`` and ``scheduler.pt`` (tensors and plain values only, read back with
+  ``weights_only=True``); under a sharding engine ``optimizer/process-00000.pt``, ... in place of
+  ``optimizer.pt``: each process's state of its own shards, written by that process;
+- ``state.json`` (step and every stateful object's ``state_dict()``; tensors inside a state are
+  stored in ``state_tensors.pt``, also read with ``weights_only=True``, and referred to by name);
+- ``rng.json`` (every process's Python, NumPy, torch and CUDA generator states);
+- ``config.yaml`` (the resolved config) and, written last, the completeness marker ``COMPLETE``.
 
 A checkpoint is written into a hidden temporary folder and renamed into place only once complete;
 folders without the marker are never loaded and never counted; old checkpoints are deleted only
@@ -37,6 +39,10 @@ STATE_TENSORS = "state_tensors.pt"
 TENSOR_REF = "__tensor__"  # {"__tensor__": name} in state.json stands for a tensor of STATE_TENSORS
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
+#: Where each process of a sharding engine writes its optimizer state before the main process
+#: moves the folder into the checkpoint (as ``optimizer/``): ``.staging-step-00000012``.
+STAGING_PREFIX = ".staging-"
+PER_PROCESS_OPTIMIZER = "optimizer"
 
 #: Config fields that do not change what a run computes: they may differ on resume.
 NON_RUN_FIELDS = (
@@ -66,15 +72,16 @@ def save(
     scheduler: Any,
     states: dict[str, Any],
     keep_last: int,
-    modules: dict[str, torch.nn.Module] | None = None,
+    modules: dict[str, torch.nn.Module | dict[str, torch.Tensor]] | None = None,
     rng: list[dict[str, Any]] | None = None,
     config_text: str | None = None,
     model_state: dict[str, torch.Tensor] | None = None,
-    optimizer_state: Any = None,
+    optimizer_staging: Path | None = None,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically and prune to the newest ``keep_last``.
-    ``model_state`` / ``optimizer_state``: what to write in place of ``model.state_dict()`` /
-    ``optimizer.state_dict()`` (a sharded run's gathered weights and per-process states)."""
+    ``model_state``: what to write in place of ``model.state_dict()`` (a sharded run's gathered
+    weights); ``optimizer_staging``: the folder of per-process optimizer states
+    (:func:`write_process_state`), moved in as ``optimizer/`` in place of ``optimizer.pt``."""
     root = Path(root)
     weights = model_state if model_state is not None else model.state_dict()
     _refuse_non_finite(step, {"model": weights, **_states(modules or {})})
@@ -82,16 +89,19 @@ def save(
     _remove_stale_tmp(root)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f"{TMP_PREFIX}{PREFIX}{step:08d}-{os.getpid()}"
-    if optimizer_state is None:
-        optimizer_state = optimizer.state_dict()
+    optimizer_state = optimizer.state_dict() if optimizer_staging is None else None
     try:
         _write(tmp, model, model_state, optimizer_state, scheduler, step, states, modules, rng)
+        if optimizer_staging is not None:
+            os.replace(optimizer_staging, tmp / PER_PROCESS_OPTIMIZER)
         if config_text is not None:
             (tmp / "config.yaml").write_text(config_text)
         _write_durably(tmp / MARKER, "complete\n")
     except (OSError, RuntimeError) as err:  # disk full (torch.save says RuntimeError): the
         # half-written folder goes, the previous checkpoint stays
         shutil.rmtree(tmp, ignore_errors=True)
+        if optimizer_staging is not None:
+            shutil.rmtree(optimizer_staging, ignore_errors=True)
         previous = latest(root)
         kept = f"the previous checkpoint {previous} is kept" if previous else "none was before"
         raise CheckpointError(
@@ -113,9 +123,13 @@ def _write(tmp, model, model_state, optimizer_state, scheduler, step, states, mo
     if modules:
         (tmp / "modules").mkdir()
         for name, module in modules.items():
-            # save_model: a module with tied weights (a model copy) is stored once per storage
-            safetensors.torch.save_model(module, str(tmp / "modules" / f"{name}.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
+            file = str(tmp / "modules" / f"{name}.safetensors")
+            if isinstance(module, dict):  # a sharded module's gathered full weights
+                safetensors.torch.save_file(module, file)
+            else:  # save_model: a module with tied weights (a model copy) is stored once
+                safetensors.torch.save_model(module, file)
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     plain, tensors = split_tensors({"step": step, **states})
     if tensors:
@@ -124,8 +138,8 @@ def _write(tmp, model, model_state, optimizer_state, scheduler, step, states, mo
     (tmp / "rng.json").write_text(json.dumps(rng or []))
 
 
-def _states(modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: module.state_dict() for name, module in modules.items()}
+def _states(modules: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: m if isinstance(m, dict) else m.state_dict() for name, m in modules.items()}
 
 
 def _refuse_non_finite(step: int, states: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -139,6 +153,46 @@ def _refuse_non_finite(step: int, states: dict[str, dict[str, torch.Tensor]]) ->
                     f"refusing to save the checkpoint of step {step}: {owner} tensor {name} "
                     f"holds non-finite values (NaN or inf)"
                 )
+
+
+def staging_folder(root: Path, step: int) -> Path:
+    """The folder every process of a sharding engine writes its optimizer state into, for the
+    checkpoint of ``step`` under ``root`` (the same path on every process)."""
+    return Path(root) / f"{STAGING_PREFIX}{PREFIX}{step:08d}"
+
+
+def prepare_staging(staging: Path) -> None:
+    """Main process, before the others write: an empty staging folder (a killed save's leftover
+    of the same step is removed, as are other steps' leftovers)."""
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    for stale in staging.parent.glob(f"{STAGING_PREFIX}{PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging.mkdir()
+
+
+def write_process_state(staging: Path, process_index: int, state: Any) -> str | None:
+    """This process's optimizer state (tensors and plain values) into ``staging``; the error,
+    as text, when it could not be written (every process must learn of it: see the trainer)."""
+    try:
+        torch.save(state, _process_file(staging, process_index))
+    except (OSError, RuntimeError) as err:
+        return f"{getattr(err, 'strerror', None) or err} ({type(err).__name__})"
+    return None
+
+
+def load_process_state(path: Path, process_index: int) -> Any:
+    """Process ``process_index``'s optimizer state from a checkpoint of a sharding engine."""
+    file = _process_file(Path(path) / PER_PROCESS_OPTIMIZER, process_index)
+    if not file.is_file():
+        raise CheckpointError(
+            f"{path} holds no optimizer state for process {process_index} ({file} is missing): "
+            "it was not written by a sharding engine (FSDP2, DeepSpeed) with this many processes"
+        )
+    return load_tensors(file)
+
+
+def _process_file(folder: Path, process_index: int) -> Path:
+    return folder / f"process-{process_index:05d}.pt"
 
 
 def _remove_stale_tmp(root: Path) -> None:

@@ -155,6 +155,10 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def is_sharded_param(param: Tensor) -> bool:
+    return isinstance(param, DTensor)
+
+
 @contextmanager
 def gathered(*roots: torch.nn.Module, blocks: bool = True) -> Iterator[None]:
     """Inside: every unit of the sharded ``roots`` holds its full parameters (one all-gather per

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -56,6 +57,8 @@ from kltrain.rollout import Rollout, completion_hidden, measure, sample_rollout,
 from kltrain.training import checkpoint, deepspeed_engine, distributed, fsdp, preemption, run_folder
 from kltrain.training.tracking import RunLogger, StepResult
 
+#: Engines whose optimizer state is sharded over the processes: checkpointed per process.
+SHARDING_ENGINES = frozenset({"fsdp2", deepspeed_engine.ENGINE})
 #: Per-token statistics summed inside the lm_head kernel over this process's tokens (each
 #: already divided by the global token count), so the processes' sums add up to the global value.
 LOCAL_TOKEN_SUMS = ("clip_fraction", "approx_kl_old", "importance_ratio_mean")
@@ -164,7 +167,11 @@ class Trainer:
         self._prepare_models()
         groups = self._param_groups()  # after sharding: the optimizer holds the shards
         self.params = [p for group in groups for p in group["params"]]
-        self.module_params = [p for group in groups[1:] for p in group["params"]]
+        # the algorithm's replicated modules (e.g. a value head): their gradients are summed in
+        # one collective per update; a sharded value model's are the engine's (reduce-scatter)
+        self.module_params = [
+            p for group in groups[1:] for p in group["params"] if not fsdp.is_sharded_param(p)
+        ]
         self.minibatch_generator = torch.Generator().manual_seed(cfg.seed)
         self.optimizer = torch.optim.AdamW(
             groups,
@@ -250,6 +257,11 @@ class Trainer:
                 self.models.reference, completion_hidden
             )
             distributed.shard_and_init(self.reference_forward, settings, acc.device)
+        if settings is not None:  # PPO's separate value model: its trunk sharded like the policy
+            for module in self.algorithm.modules().values():
+                trunk = getattr(module, "trunk", None)
+                if trunk is not None:
+                    fsdp.shard(module, trunk, settings)
 
     def _build_zero2(self) -> None:
         """DeepSpeed ZeRO-2 around the training forward and the AdamW (all param groups: the
@@ -286,13 +298,20 @@ class Trainer:
             )
         return groups
 
-    def _algorithm_modules(self, saving: bool = False) -> dict[str, torch.nn.Module]:
+    def _algorithm_modules(self, saving: bool = False) -> dict[str, Any]:
         """Everything the algorithm owns that a checkpoint holds: trainable and frozen. ``saving``
-        under DeepSpeed: the trainable ones as copies owning their storage (ZeRO-2 made their
-        parameters views into its flat buffer, which safetensors refuses to write)."""
-        trainable = self.algorithm.modules()
+        (every process calls it: a collective under FSDP2): under DeepSpeed the trainable ones as
+        copies owning their storage (ZeRO-2 made their parameters views into its flat buffer,
+        which safetensors refuses to write); an FSDP2-sharded one (PPO's value model) as its
+        full state dict, gathered to process 0."""
+        trainable: dict[str, Any] = self.algorithm.modules()
         if saving and self.zero2 is not None:
             trainable = deepspeed_engine.owned_copies(trainable)
+        if saving and self.engine == "fsdp2":
+            trainable = {
+                name: fsdp.full_state_dict(m) if fsdp.is_sharded(m) else m
+                for name, m in trainable.items()
+            }
         return {**trainable, **self.algorithm.frozen_modules()}
 
     # ------------------------------------------------------------------------------------------
@@ -577,7 +596,9 @@ class Trainer:
             mask = r.completion_mask[rows]
         hidden = self.policy_forward(r.input_ids[rows], r.attention_mask[rows], r.prompt_length)
         if not mask.any():  # the engine's collectives pair up only if every process backwards
-            return hidden.sum() * 0.0 + lm_head_params(policy)[0].sum() * 0.0
+            zero = hidden.sum() * 0.0 + lm_head_params(policy)[0].sum() * 0.0
+            extra = self.algorithm.hidden_loss(hidden, batch, rows, num_tokens, mask)
+            return zero if extra is None else zero + extra
         old = r.stats["logprobs"][rows][mask]
         ref_lp = r.stats["ref_logprobs"][rows][mask]
         adv = batch.advantages[rows][mask]
@@ -743,12 +764,12 @@ class Trainer:
         rng = [captured["rng"]]
         if self.accelerator.num_processes > 1:
             rng = gather_object(rng)
-        model_state = optimizer_state = None
-        if self.engine == "fsdp2":  # collectives: full weights, every process's optimizer shard
+        model_state = staging = None
+        if self.engine == "fsdp2":  # a collective: the full weights, gathered to process 0
             model_state = fsdp.full_state_dict(self.models.policy)
-            optimizer_state = gather_object([fsdp.local_optimizer_state(self.optimizer)])
-        elif self.zero2 is not None:  # each process's AdamW state over its flat partition
-            optimizer_state = gather_object([self.optimizer.state_dict()])
+        modules = self._algorithm_modules(saving=True)
+        if self.engine in SHARDING_ENGINES:
+            staging = self._stage_optimizer_state(captured["step"])
         self.accelerator.wait_for_everyone()
         self._saved_step = captured["step"]
         if not self.accelerator.is_main_process:
@@ -763,7 +784,7 @@ class Trainer:
             self.output_dir / "checkpoints",
             step=captured["step"],
             model=self.models.policy,
-            modules=self._algorithm_modules(saving=True),
+            modules=modules,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             states=states,
@@ -771,8 +792,37 @@ class Trainer:
             config_text=to_yaml(self.cfg, extra),
             keep_last=self.cfg.trainer.keep_last,
             model_state=model_state,
-            optimizer_state=optimizer_state,
+            optimizer_staging=staging,
         )
+
+    def _stage_optimizer_state(self, step: int) -> Path:
+        """Each process writes the optimizer state of its own shards (FSDP2: DTensor locals;
+        ZeRO: its flat partition's AdamW state) into a staging folder that process 0 moves into
+        the checkpoint: no process's state passes through another's memory, as a gather to
+        process 0 would (for a 70B policy, its whole fp32 Adam state)."""
+        acc = self.accelerator
+        staging = checkpoint.staging_folder(self.output_dir / "checkpoints", step)
+        if acc.is_main_process:
+            checkpoint.prepare_staging(staging)
+        acc.wait_for_everyone()
+        if self.engine == "fsdp2":
+            state = fsdp.local_optimizer_state(self.optimizer)
+        else:
+            state = self.optimizer.state_dict()
+        error = checkpoint.write_process_state(staging, acc.process_index, state)
+        errors = [e for e in gather_object([(acc.process_index, error)]) if e[1] is not None]
+        if errors:  # every process stops the same way; the previous checkpoint stays
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            index, why = errors[0]
+            raise checkpoint.CheckpointError(
+                f"could not write process {index}'s optimizer state for the checkpoint of step "
+                f"{step} into {staging}: {why}; nothing was marked complete, the previous "
+                f"checkpoint is kept. Free space (or fix the folder's permissions) and rerun "
+                f"with --resume"
+            )
+        return staging
 
     def _capture(self) -> dict[str, Any]:
         """Everything but the weights and optimizer, as plain JSON-ready values; cheap enough to
@@ -798,14 +848,13 @@ class Trainer:
         """Load a complete checkpoint over the freshly built trainer (its weights are already
         loaded: before sharding)."""
         state = checkpoint.load_state(path)
-        optimizer_state = checkpoint.load_tensors(path / "optimizer.pt")
-        if self.engine == "fsdp2":  # one state per process, of its shards
-            fsdp.load_local_optimizer_state(
-                self.optimizer, optimizer_state[self.accelerator.process_index]
-            )
-        elif self.zero2 is not None:  # its AdamW over this process's flat partition
-            self.optimizer.load_state_dict(optimizer_state[self.accelerator.process_index])
+        if self.engine in SHARDING_ENGINES:  # this process's state, of its own shards
+            optimizer_state = checkpoint.load_process_state(path, self.accelerator.process_index)
         else:
+            optimizer_state = checkpoint.load_tensors(path / "optimizer.pt")
+        if self.engine == "fsdp2":
+            fsdp.load_local_optimizer_state(self.optimizer, optimizer_state)
+        else:  # ZeRO-2: its AdamW over this process's flat partition
             self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(checkpoint.load_tensors(path / "scheduler.pt"))
         self.sampler.load_state_dict(state["sampler"])
@@ -832,7 +881,7 @@ class Trainer:
         if world != self.accelerator.num_processes:
             changes.append(f"processes: {world} → {self.accelerator.num_processes}")
         saved_engine = state.get("engine", "none" if world == 1 else "ddp")
-        sharded = {"fsdp2", deepspeed_engine.ENGINE} & {saved_engine, self.engine}
+        sharded = SHARDING_ENGINES & {saved_engine, self.engine}
         if sharded and (saved_engine, world) != (self.engine, self.accelerator.num_processes):
             # the optimizer state is stored per process, of its shards: no resharding
             raise checkpoint.CheckpointError(
@@ -879,15 +928,16 @@ class Trainer:
 
     def save_final(self) -> None:
         weights = fsdp.full_state_dict(self.models.policy) if self.engine == "fsdp2" else None
+        saved = self._algorithm_modules(saving=True)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             final = self.output_dir / "final"
             given = {} if weights is None else {"state_dict": weights}
             self.models.policy.save_pretrained(final, safe_serialization=True, **given)
             self.models.tokenizer.save_pretrained(final)
-            saved = self._algorithm_modules(saving=True)
             for name in self.algorithm.modules():
-                save_file(saved[name].state_dict(), str(final / f"{name}.safetensors"))
+                state = saved[name] if isinstance(saved[name], dict) else saved[name].state_dict()
+                save_file(state, str(final / f"{name}.safetensors"))
 
 
 class _Clock:

@@ -43,12 +43,27 @@ def _record_token_ids(trainer: Trainer) -> None:
     trainer.make_rollout = make_rollout
 
 
+def _record_module_shards(trainer: Trainer) -> None:
+    """``modules.json``: per algorithm module, the elements this process holds of its trainable
+    parameters and their full count (a module the engine shards holds about 1/world of them)."""
+    shares = {}
+    for name, module in trainer.algorithm.modules().items():
+        params = [p for p in module.parameters() if p.requires_grad]
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+        shares[name] = {"local": local, "full": sum(p.numel() for p in params)}
+    shares = gather_object([shares]) if trainer.accelerator.num_processes > 1 else [shares]
+    if trainer.accelerator.is_main_process:  # the run folder exists once fit() starts
+        Path(trainer.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(trainer.output_dir) / "modules.json").write_text(json.dumps(shares))
+
+
 def main(spec_path: str) -> None:
     torch.use_deterministic_algorithms(True)
     spec = json.loads(Path(spec_path).read_text())
     for config in spec["configs"]:
         trainer = Trainer(load_config(config))
         _record_token_ids(trainer)
+        _record_module_shards(trainer)
         trainer.fit()
 
 
