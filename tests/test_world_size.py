@@ -133,6 +133,19 @@ RUNS = {
         },
         True,
     ),
+    # f-DPG with an offline proposal q (a frozen policy copy that generates; sharded like the
+    # reference under FSDP2, replaced by the policy when the rule fires), toward the RLHF target
+    "fdpg_offline": (
+        {
+            "algorithm": {
+                "name": "fdpg",
+                "num_generations": 2,
+                "fdpg": {"target": "rlhf", "proposal": "offline"},
+            },
+            "trainer": {"learning_rate": 1e-2, "save_every": 2},
+        },
+        True,
+    ),
     # PPO with a separate value model (MODEL: the tiny model's folder), sharded like the policy
     # under FSDP2, partitioned with it under ZeRO; its micro-batches are uneven over the
     # processes (0-4 of a minibatch's rows), so a padding micro-batch must run it too
@@ -311,6 +324,12 @@ def test_one_and_two_processes_run_the_same_run(runs, name, tag):
     _assert_metrics_close(_metrics(one), _metrics(two), fdpg=fdpg)
     initial = load_file(str(runs / "model" / "model.safetensors"))
     _assert_same_update(one, two, initial, FDPG_WEIGHT_RTOL if fdpg else WEIGHT_RTOL)
+    if name == "fdpg_offline":  # q replaced at step 2 by the policy of step 1; saved whole
+        assert [m["fdpg/proposal_updates"] for m in _metrics(one)] == [0.0, 1.0]
+        checkpoint_q = "checkpoints/step-00000002/modules/proposal.safetensors"
+        q = load_file(str(one / checkpoint_q))
+        start = {k: initial[k] for k in q}
+        _assert_same_update(one, two, start, FDPG_WEIGHT_RTOL, file=f"../{checkpoint_q}")
     if name == "ppo_value_model":  # its trunk started as the model's, its head at 0
         value = load_file(str(one / "final" / "value_model.safetensors"))
         start = {k: initial[k.replace("trunk.", "model.", 1)] for k in value if "trunk." in k}

@@ -236,6 +236,20 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
     return get_model_state_dict(model, options=options)
 
 
+def full_module_state(module: torch.nn.Module) -> dict[str, Tensor]:
+    """:func:`full_state_dict` holding each tied parameter once (under its first name), as
+    ``safetensors.torch.save_model`` writes a module and ``load_model`` reads it back: an
+    algorithm's sharded module (PPO's value model, f-DPG's proposal of a tied-embedding model)
+    is checkpointed as a state dict. Every process must call it."""
+    first: dict[int, str] = {}
+    duplicates = set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            duplicates.add(name)
+        first.setdefault(id(param), name)
+    return {k: v for k, v in full_state_dict(module).items() if k not in duplicates}
+
+
 def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     """``optimizer.state_dict()`` with every sharded tensor replaced by this process's shard
     (plain tensors: loadable with ``weights_only=True``)."""

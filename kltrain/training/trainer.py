@@ -232,9 +232,10 @@ class Trainer:
 
     def _prepare_models(self) -> None:
         """The policy's training forward goes through the engine (DDP: bucketed gradient SUM;
-        FSDP2: the policy and a separate reference sharded, gradients reduce-scattered as a SUM);
-        the algorithm's own trainable modules (replicated) are reduced in one collective per
-        update."""
+        FSDP2: the policy and a separate reference sharded, gradients reduce-scattered as a SUM;
+        PPO's value model sharded like the policy, f-DPG's offline proposal like the reference);
+        the algorithm's replicated trainable modules (a value head) are reduced in one collective
+        per update."""
         acc, settings = self.accelerator, None
         if self.engine == "fsdp2":
             settings = fsdp.Fsdp2Settings.from_accelerate(acc.mixed_precision)
@@ -262,6 +263,12 @@ class Trainer:
                 trunk = getattr(module, "trunk", None)
                 if trunk is not None:
                     fsdp.shard(module, trunk, settings)
+        self.frozen_forwards = []  # f-DPG's offline proposal: sharded like the reference
+        if settings is not None:
+            for module in self.algorithm.frozen_modules().values():
+                frozen = distributed.PolicyHidden(module, completion_hidden)
+                distributed.shard_and_init(frozen, settings, acc.device)
+                self.frozen_forwards.append(frozen)
 
     def _build_zero2(self) -> None:
         """DeepSpeed ZeRO-2 around the training forward and the AdamW (all param groups: the
@@ -283,7 +290,8 @@ class Trainer:
     def _full_weights(self, blocks: bool = True) -> AbstractContextManager:
         """Inside: the sharded models' full weights (FSDP2; all processes enter it); a no-op for
         DDP and one process."""
-        return fsdp.gathered(self.policy_forward, self.reference_forward, blocks=blocks)
+        roots = (self.policy_forward, self.reference_forward, *self.frozen_forwards)
+        return fsdp.gathered(*roots, blocks=blocks)
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """The policy's trainable parameters at ``trainer.learning_rate``, then the algorithm's
@@ -307,12 +315,13 @@ class Trainer:
         trainable: dict[str, Any] = self.algorithm.modules()
         if saving and self.zero2 is not None:
             trainable = deepspeed_engine.owned_copies(trainable)
+        modules = {**trainable, **self.algorithm.frozen_modules()}
         if saving and self.engine == "fsdp2":
-            trainable = {
-                name: fsdp.full_state_dict(m) if fsdp.is_sharded(m) else m
-                for name, m in trainable.items()
+            modules = {
+                name: fsdp.full_module_state(m) if _has_sharded_params(m) else m
+                for name, m in modules.items()
             }
-        return {**trainable, **self.algorithm.frozen_modules()}
+        return modules
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -954,6 +963,10 @@ class _Clock:
 
     def total(self) -> float:
         return time.perf_counter() - self.start
+
+
+def _has_sharded_params(module: torch.nn.Module) -> bool:
+    return any(fsdp.is_sharded_param(p) for p in module.parameters())
 
 
 def _every(every: int, step: int) -> bool:
