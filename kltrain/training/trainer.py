@@ -179,8 +179,8 @@ class Trainer:
             num_warmup_steps=cfg.trainer.warmup_steps,
             num_training_steps=cfg.trainer.max_steps,
         )
-        if self.engine == deepspeed_engine.ENGINE:  # after the weights were loaded (resume)
-            self._build_zero2()
+        if self.zero_requested:  # after the weights were loaded (resume)
+            self._build_zero()
         logged = {n: get_divergence(n) for n in LOGGED_DIVERGENCES}
         logged[self.regulariser.divergence.name] = self.regulariser.divergence
         self.measured_divergences = list(logged.values())
@@ -238,11 +238,10 @@ class Trainer:
                     "model.dtype: fp32, or mixed_precision: no"
                 )
         hidden = distributed.PolicyHidden(self.models.policy, completion_hidden)
-        self.zero2: deepspeed_engine.Zero2 | None = None  # DeepSpeed: built with the optimizer
+        self.zero: deepspeed_engine.ZeroEngine | None = None  # DeepSpeed: built with the optimizer
+        self.zero_requested = self.engine in deepspeed_engine.ENGINES.values()
         self.policy_forward = (
-            hidden
-            if self.engine == deepspeed_engine.ENGINE
-            else distributed.prepare_policy(acc, hidden, settings)
+            hidden if self.zero_requested else distributed.prepare_policy(acc, hidden, settings)
         )
         self.reference_forward = None
         if settings is not None and self.models.reference is not None:
@@ -251,12 +250,13 @@ class Trainer:
             )
             distributed.shard_and_init(self.reference_forward, settings, acc.device)
 
-    def _build_zero2(self) -> None:
-        """DeepSpeed ZeRO-2 around the training forward and the AdamW (all param groups: the
+    def _build_zero(self) -> None:
+        """DeepSpeed ZeRO-2/3 around the training forward and the AdamW (all param groups: the
         algorithm's modules are partitioned and reduced with the policy); the scheduler keeps
-        driving that AdamW's param groups."""
+        driving that AdamW's param groups. ZeRO-3: the lm_head weights the loss reads (the
+        policy's; under LoRA the reference's, the same base weight) are gathered for it."""
         cfg, acc = self.cfg, self.accelerator
-        settings = deepspeed_engine.Zero2Settings.from_accelerate(
+        settings = deepspeed_engine.ZeroSettings.from_accelerate(
             acc.mixed_precision,
             cfg.trainer.max_grad_norm,
             cfg.trainer.micro_batch_size,
@@ -265,12 +265,20 @@ class Trainer:
             getattr(self.models.policy.config, "hidden_size", None),
         )
         root = deepspeed_engine.TrainedModules(self.policy_forward, self.algorithm.modules())
-        self.zero2 = deepspeed_engine.Zero2(root, self.optimizer, settings, acc.num_processes)
-        self.policy_forward = self.zero2.engine
+        lm_head = list(lm_head_params(self.models.policy))
+        if self.models.reference is None:  # LoRA: the reference is the policy's base model
+            with self.models.reference_context():
+                lm_head += lm_head_params(self.models.reference_model)
+        self.zero = deepspeed_engine.ZeroEngine(
+            root, self.optimizer, settings, acc.num_processes, lm_head=lm_head
+        )
+        self.policy_forward = self.zero.engine
 
     def _full_weights(self, blocks: bool = True) -> AbstractContextManager:
-        """Inside: the sharded models' full weights (FSDP2; all processes enter it); a no-op for
-        DDP and one process."""
+        """Inside: the sharded models' full weights (FSDP2, ZeRO-3; all processes enter it); a
+        no-op for DDP, ZeRO-2 and one process."""
+        if self.zero is not None:
+            return self.zero.gathered()
         return fsdp.gathered(self.policy_forward, self.reference_forward, blocks=blocks)
 
     def _param_groups(self) -> list[dict[str, Any]]:
@@ -289,10 +297,13 @@ class Trainer:
     def _algorithm_modules(self, saving: bool = False) -> dict[str, torch.nn.Module]:
         """Everything the algorithm owns that a checkpoint holds: trainable and frozen. ``saving``
         under DeepSpeed: the trainable ones as copies owning their storage (ZeRO-2 made their
-        parameters views into its flat buffer, which safetensors refuses to write)."""
+        parameters views into its flat buffer, which safetensors refuses to write), under ZeRO-3
+        their gathered full weights; collective under ZeRO-3, and only the main process's
+        result holds them."""
         trainable = self.algorithm.modules()
-        if saving and self.zero2 is not None:
-            trainable = deepspeed_engine.owned_copies(trainable)
+        if saving and self.zero is not None:
+            main = self.accelerator.is_main_process
+            trainable = self.zero.full_module_copies(trainable, main)
         return {**trainable, **self.algorithm.frozen_modules()}
 
     # ------------------------------------------------------------------------------------------
@@ -540,14 +551,14 @@ class Trainer:
             part = rows[start : start + micro]
             with distributed.sync_context(self.policy_forward, sync=start == starts[-1]):
                 loss = self._micro_batch_loss(batch, part, num_tokens, sums)
-                if self.zero2 is None:
+                if self.zero is None:
                     loss.backward()
                 else:
-                    self.zero2.backward(loss)
+                    self.zero.backward(loss)
             loss_total += loss.detach()
-        if self.zero2 is not None:  # DeepSpeed reduces, clips and steps (skips) in one call
+        if self.zero is not None:  # DeepSpeed reduces, clips and steps (skips) in one call
             loss_value = self._sum_across(loss_total)
-            grad_norm = self.zero2.step(discard=not math.isfinite(loss_value))
+            grad_norm = self.zero.step(discard=not math.isfinite(loss_value))
         else:
             distributed.all_reduce_gradients(self.accelerator, self.module_params)
             grad_norm = self._clip_gradients()
@@ -556,7 +567,7 @@ class Trainer:
         sums["grad_norm"] += grad_norm
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
-            if self.zero2 is None:
+            if self.zero is None:
                 self.optimizer.step()
             self._check_weights_finite(step)
             self.state.consecutive_skips = 0
@@ -577,7 +588,9 @@ class Trainer:
             mask = r.completion_mask[rows]
         hidden = self.policy_forward(r.input_ids[rows], r.attention_mask[rows], r.prompt_length)
         if not mask.any():  # the engine's collectives pair up only if every process backwards
-            return hidden.sum() * 0.0 + lm_head_params(policy)[0].sum() * 0.0
+            return self._head_call(
+                hidden, lambda h: h.sum() * 0.0 + lm_head_params(policy)[0].sum() * 0.0
+            )
         old = r.stats["logprobs"][rows][mask]
         ref_lp = r.stats["ref_logprobs"][rows][mask]
         adv = batch.advantages[rows][mask]
@@ -598,28 +611,37 @@ class Trainer:
             return per_token.sum() / num_tokens
 
         temperature = self.cfg.generation.temperature  # train π^(1/T), the sampled distribution
-        weight, bias = lm_head_params(policy)
-        _, bias = tempered(None, bias, temperature)
-        ref_hidden = ref_weight = ref_bias = None
-        if exact_in_loss:
-            ref_hidden = tempered(r.ref_hidden[rows][mask], None, temperature)[0]
-            with self.models.reference_context():
-                ref_weight, ref_bias = lm_head_params(self.models.reference_model)
-            _, ref_bias = tempered(None, ref_bias, temperature)
-        loss = fused_token_loss(
-            tempered(hidden[mask], None, temperature)[0],
-            weight,
-            r.completion_ids[rows][mask],
-            loss_fn,
-            ref_hidden=ref_hidden,
-            ref_weight=ref_weight,
-            divergence=reg.divergence if exact_in_loss else None,
-            chunk_size=self.cfg.kl.chunk_size,
-            policy_bias=bias,
-            ref_bias=ref_bias,
-        )
+
+        def head_loss(policy_hidden: Tensor) -> Tensor:  # reads the lm_head weights
+            weight, bias = lm_head_params(policy)
+            _, bias = tempered(None, bias, temperature)
+            ref_hidden = ref_weight = ref_bias = None
+            if exact_in_loss:
+                ref_hidden = tempered(r.ref_hidden[rows][mask], None, temperature)[0]
+                with self.models.reference_context():
+                    ref_weight, ref_bias = lm_head_params(self.models.reference_model)
+                _, ref_bias = tempered(None, ref_bias, temperature)
+            return fused_token_loss(
+                tempered(policy_hidden, None, temperature)[0],
+                weight,
+                r.completion_ids[rows][mask],
+                loss_fn,
+                ref_hidden=ref_hidden,
+                ref_weight=ref_weight,
+                divergence=reg.divergence if exact_in_loss else None,
+                chunk_size=self.cfg.kl.chunk_size,
+                policy_bias=bias,
+                ref_bias=ref_bias,
+            )
+
+        loss = self._head_call(hidden[mask], head_loss)
         extra = self.algorithm.hidden_loss(hidden, batch, rows, num_tokens)
         return loss if extra is None else loss + extra
+
+    def _head_call(self, hidden: Tensor, fn) -> Tensor:
+        """``fn(hidden)``, where ``fn`` may read the lm_head weights: under ZeRO-3 inside the
+        engine's :class:`~kltrain.training.deepspeed_engine.LmHeadCall`, which gathers them."""
+        return fn(hidden) if self.zero is None else self.zero.head_call(hidden, fn)
 
     def _log_importance_ratio(self, log_w: Tensor, sums: dict, num_tokens: int) -> None:
         """w_t = π_θ/π_old at the chunk's tokens [n]: its token mean (summed like the other
@@ -702,10 +724,13 @@ class Trainer:
         the optimizer): stop before they are sampled from or saved. Cheap: one fp32 sum per
         tensor (a NaN or ±inf anywhere makes it non-finite; no weight is large enough to overflow
         an fp32 sum), one device sync; the per-element search runs only on failure."""
-        local = [fsdp.local(p.detach()) for p in self.params]  # sharded: this process's part
+        if self.zero is not None:  # ZeRO-3: this process's partition
+            local = self.zero.local_weights(self.params)
+        else:  # sharded: this process's part
+            local = [fsdp.local(p.detach()) for p in self.params]
         sums = torch.stack([p.sum(dtype=torch.float32) for p in local])
         finite = bool(sums.isfinite().all())
-        if self.engine == "fsdp2":  # every process must take the same branch
+        if self.engine in ("fsdp2", deepspeed_engine.ENGINE_ZERO3):  # the same branch everywhere
             finite = self._sum_across(0.0 if finite else 1.0) == 0.0
         if finite:
             return
@@ -744,11 +769,16 @@ class Trainer:
         if self.accelerator.num_processes > 1:
             rng = gather_object(rng)
         model_state = optimizer_state = None
+        modules = None
         if self.engine == "fsdp2":  # collectives: full weights, every process's optimizer shard
             model_state = fsdp.full_state_dict(self.models.policy)
             optimizer_state = gather_object([fsdp.local_optimizer_state(self.optimizer)])
-        elif self.zero2 is not None:  # each process's AdamW state over its flat partition
-            optimizer_state = gather_object([self.optimizer.state_dict()])
+        elif self.zero is not None:  # each process's AdamW state over its flat partition
+            optimizer_state = gather_object([self.zero.optimizer_state(self.optimizer)])
+            if self.zero.stage == 3:  # collectives: the full weights gathered onto process 0
+                main = self.accelerator.is_main_process
+                model_state = self.zero.full_state_dict(self.models.policy, main)
+                modules = self._algorithm_modules(saving=True)
         self.accelerator.wait_for_everyone()
         self._saved_step = captured["step"]
         if not self.accelerator.is_main_process:
@@ -763,7 +793,7 @@ class Trainer:
             self.output_dir / "checkpoints",
             step=captured["step"],
             model=self.models.policy,
-            modules=self._algorithm_modules(saving=True),
+            modules=modules if modules is not None else self._algorithm_modules(saving=True),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             states=states,
@@ -803,8 +833,9 @@ class Trainer:
             fsdp.load_local_optimizer_state(
                 self.optimizer, optimizer_state[self.accelerator.process_index]
             )
-        elif self.zero2 is not None:  # its AdamW over this process's flat partition
-            self.optimizer.load_state_dict(optimizer_state[self.accelerator.process_index])
+        elif self.zero is not None:  # its AdamW over this process's flat partition
+            index = self.accelerator.process_index
+            self.zero.load_optimizer_state(self.optimizer, optimizer_state[index])
         else:
             self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(checkpoint.load_tensors(path / "scheduler.pt"))
@@ -832,7 +863,7 @@ class Trainer:
         if world != self.accelerator.num_processes:
             changes.append(f"processes: {world} → {self.accelerator.num_processes}")
         saved_engine = state.get("engine", "none" if world == 1 else "ddp")
-        sharded = {"fsdp2", deepspeed_engine.ENGINE} & {saved_engine, self.engine}
+        sharded = {"fsdp2", *deepspeed_engine.ENGINES.values()} & {saved_engine, self.engine}
         if sharded and (saved_engine, world) != (self.engine, self.accelerator.num_processes):
             # the optimizer state is stored per process, of its shards: no resharding
             raise checkpoint.CheckpointError(
@@ -878,14 +909,19 @@ class Trainer:
         raise preemption.Preempted(signum, step, str(where), requeued)
 
     def save_final(self) -> None:
+        main = self.accelerator.is_main_process
         weights = fsdp.full_state_dict(self.models.policy) if self.engine == "fsdp2" else None
+        saved = None
+        if self.zero is not None and self.zero.stage == 3:  # collectives
+            weights = self.zero.full_state_dict(self.models.policy, main)
+            saved = self._algorithm_modules(saving=True)
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        if main:
             final = self.output_dir / "final"
             given = {} if weights is None else {"state_dict": weights}
             self.models.policy.save_pretrained(final, safe_serialization=True, **given)
             self.models.tokenizer.save_pretrained(final)
-            saved = self._algorithm_modules(saving=True)
+            saved = saved if saved is not None else self._algorithm_modules(saving=True)
             for name in self.algorithm.modules():
                 save_file(saved[name].state_dict(), str(final / f"{name}.safetensors"))
 
