@@ -310,6 +310,12 @@ class ZeroEngine:
             )
         self.world = world
         self.stage = settings.stage
+        if self.stage == 3 and not hasattr(_stage3(), "unwrap_model_for_generation"):
+            raise ConfigError(  # (gathered(): checked before the engine is built, not mid-run)
+                f"DeepSpeed {deepspeed.__version__} has no "
+                "deepspeed.runtime.zero.stage3.unwrap_model_for_generation, which kltrain's "
+                "ZeRO-3 generation needs (tested with 0.19.8): pip install -U deepspeed"
+            )
         self.engine, *_ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=settings.config
         )
@@ -360,9 +366,7 @@ class ZeroEngine:
         if self.stage != 3:
             yield
             return
-        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
-
-        with unwrap_model_for_generation(self.engine):
+        with _stage3().unwrap_model_for_generation(self.engine):
             yield
 
     def full_parameters(self) -> Any:
@@ -444,6 +448,12 @@ class ZeroEngine:
 
 #: The old name (ZeRO-2 only).
 Zero2 = ZeroEngine
+
+
+def _stage3():
+    from deepspeed.runtime.zero import stage3
+
+    return stage3
 
 
 class StateHolder(torch.nn.Module):
