@@ -108,6 +108,18 @@ RUNS = {
         },
         True,
     ),
+    # PPO over 2 minibatches drawn from the global batch, micro-batch 1: a process holding fewer
+    # of a minibatch's rows runs micro-batches with no valid token, whose value loss must still
+    # run the value head (DeepSpeed reduces its gradient with the policy's: before, the
+    # processes' reductions no longer paired up and gloo aborted the run)
+    "ppo_k1_minibatches": (
+        {
+            "algorithm": {"name": "ppo", "num_generations": 2, "epochs": 2, "num_minibatches": 2},
+            "kl": {"estimator": "k1", "placement": "reward"},
+            "trainer": {"micro_batch_size": 1},
+        },
+        True,
+    ),
     # f-DPG toward moments (λ refitted every step, per-prompt Z): the exact JS objective
     "fdpg_moments_js": (
         {

@@ -14,6 +14,7 @@ SIGUSR1 stop the run at the next safe point with a complete checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import time
@@ -588,9 +589,10 @@ class Trainer:
             mask = r.completion_mask[rows]
         hidden = self.policy_forward(r.input_ids[rows], r.attention_mask[rows], r.prompt_length)
         if not mask.any():  # the engine's collectives pair up only if every process backwards
-            return self._head_call(
+            loss = self._head_call(
                 hidden, lambda h: h.sum() * 0.0 + lm_head_params(policy)[0].sum() * 0.0
             )
+            return loss + self._no_token_hidden_loss(hidden, batch, rows, num_tokens)
         old = r.stats["logprobs"][rows][mask]
         ref_lp = r.stats["ref_logprobs"][rows][mask]
         adv = batch.advantages[rows][mask]
@@ -637,6 +639,20 @@ class Trainer:
         loss = self._head_call(hidden[mask], head_loss)
         extra = self.algorithm.hidden_loss(hidden, batch, rows, num_tokens)
         return loss if extra is None else loss + extra
+
+    def _no_token_hidden_loss(
+        self, hidden: Tensor, batch: TrainBatch, rows: Tensor, num_tokens: int
+    ) -> Tensor | float:
+        """The algorithm's hidden-state loss (PPO's value loss) over no valid token: exactly 0,
+        its gradient and metrics exactly 0, but its modules run forward and backward as on the
+        processes whose micro-batch has tokens. DeepSpeed reduces (ZeRO-3 also gathers) the
+        value head's parameters with the policy's; a process that skipped them crashed the run
+        ("Received data size doesn't match expected size" from gloo)."""
+        r = batch.rollout
+        none = dataclasses.replace(r, completion_mask=torch.zeros_like(r.completion_mask))
+        masked = dataclasses.replace(batch, rollout=none)
+        extra = self.algorithm.hidden_loss(hidden, masked, rows, num_tokens)
+        return 0.0 if extra is None else extra
 
     def _head_call(self, hidden: Tensor, fn) -> Tensor:
         """``fn(hidden)``, where ``fn`` may read the lm_head weights: under ZeRO-3 inside the
