@@ -44,8 +44,8 @@ forward/backward such a parameter holds 0 elements. What kltrain does about it:
 - The training forward's chunked lm_head loss applies the lm_head weight outside the decoder's
   forward: it runs inside the forward of :class:`LmHeadCall` (a submodule of the engine's module
   without parameters of its own), with the lm_head weight and bias registered as its external
-  parameters, so ZeRO-3 gathers them for that forward and its backward (one all-gather of V×H
-  per micro-batch, each way). Tied embeddings are one parameter: gathered by the embedding and
+  parameters, so ZeRO-3 gathers them for that forward and its backward (V×H per micro-batch;
+  DeepSpeed does not release an external parameter after the forward). Tied embeddings are one parameter: gathered by the embedding and
   by :class:`LmHeadCall` in turn, its gradient the sum of both uses.
 - Generation, the scoring passes (old log-probs, reference, PPO's values) and held-out
   evaluation run inside :meth:`ZeroEngine.gathered`: DeepSpeed's own
@@ -58,9 +58,11 @@ forward/backward such a parameter holds 0 elements. What kltrain does about it:
   both roles (adapters disabled). Partitioning it (DeepSpeed inference / a second ZeRO-3 engine
   without optimizer) is not built.
 - Weight prefetching is off (``stage3_prefetch_bucket_size: 0``; a file that sets another value
-  is refused): DeepSpeed prefetches along the module order it recorded at the first step, and a
-  process whose micro-batch is empty runs a shorter loss (no PPO value loss), so the processes'
-  prefetch all-gathers would no longer pair up. Each parameter is gathered when its module runs.
+  is refused): DeepSpeed prefetches along the module order it traced, and one process whose
+  trace diverged (a module run on one process and not on another) would stop prefetching while
+  the others go on, so that their all-gathers no longer pair up. kltrain runs the same modules
+  in the same order on every process (a micro-batch with no valid token included), but the
+  prefetching path is not tested; each parameter is gathered when its module runs.
 - ``zero3_init_flag`` is refused (every process loads the full model, then the engine partitions
   it): building the model inside ``deepspeed.zero.Init`` is not wired into model loading.
 - ``zero3_save_16bit_model`` (``stage3_gather_16bit_weights_on_model_save``) is refused: kltrain
@@ -219,8 +221,9 @@ def _check_zero3(plugin, zero: dict[str, Any]) -> None:
     if prefetch not in ("auto", 0):
         raise ConfigError(
             f"stage3_prefetch_bucket_size: {prefetch} in the DeepSpeed config: kltrain runs "
-            "ZeRO-3 without prefetching (a process with an empty micro-batch runs fewer modules, "
-            "so prefetch all-gathers would not pair up across processes); set 0 or auto"
+            "ZeRO-3 without prefetching (untested: a process whose traced module order diverged "
+            "would stop prefetching alone, and the all-gathers would no longer pair up across "
+            "processes); set 0 or auto"
         )
 
 
