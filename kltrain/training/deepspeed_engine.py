@@ -44,8 +44,9 @@ forward/backward such a parameter holds 0 elements. What kltrain does about it:
 - The training forward's chunked lm_head loss applies the lm_head weight outside the decoder's
   forward: it runs inside the forward of :class:`LmHeadCall` (a submodule of the engine's module
   without parameters of its own), with the lm_head weight and bias registered as its external
-  parameters, so ZeRO-3 gathers them for that forward and its backward (V×H per micro-batch;
-  DeepSpeed does not release an external parameter after the forward). Tied embeddings are one parameter: gathered by the embedding and
+  parameters, so ZeRO-3 gathers them for that forward and its backward. DeepSpeed releases an
+  external parameter only when the step partitions every parameter: one all-gather of V×H per
+  optimizer step, held (V×H extra memory) through the update's micro-batches. Tied embeddings are one parameter: gathered by the embedding and
   by :class:`LmHeadCall` in turn, its gradient the sum of both uses.
 - Generation, the scoring passes (old log-probs, reference, PPO's values) and held-out
   evaluation run inside :meth:`ZeroEngine.gathered`: DeepSpeed's own
