@@ -46,8 +46,9 @@ forward/backward such a parameter holds 0 elements. What kltrain does about it:
   without parameters of its own), with the lm_head weight and bias registered as its external
   parameters, so ZeRO-3 gathers them for that forward and its backward. DeepSpeed releases an
   external parameter only when the step partitions every parameter: one all-gather of V×H per
-  optimizer step, held (V×H extra memory) through the update's micro-batches. Tied embeddings are one parameter: gathered by the embedding and
-  by :class:`LmHeadCall` in turn, its gradient the sum of both uses.
+  optimizer step, held (V×H extra memory) through the update's micro-batches. Tied embeddings
+  are one parameter, used by the embedding and by :class:`LmHeadCall`, its gradient the sum of
+  both uses.
 - Generation, the scoring passes (old log-probs, reference, PPO's values) and held-out
   evaluation run inside :meth:`ZeroEngine.gathered`: DeepSpeed's own
   ``unwrap_model_for_generation`` (all parameters gathered once on entry, the engine's
