@@ -5,11 +5,16 @@ GPUs), on a random Llama-shaped model (no download).
     python scripts/bench_scaling.py --quick          # ~2-3 min on a 2-core CPU
     python scripts/bench_scaling.py --processes 1 2 4 --steps 8 --hidden 512 --layers 8
     python scripts/bench_scaling.py --quick --fsdp2  # also every N > 1 under FSDP2
+    python scripts/bench_scaling.py --quick --zero3  # also every N > 1 under DeepSpeed ZeRO-3
 
 Under FSDP2, "gather" is the wall time of the whole-model gathers kltrain makes around each
 rollout (generation and the scoring passes run on full weights) and evaluation; the per-block
 gathers inside the training forward and backward and the lm_head gather (once per micro-batch,
-by the root unit's forward) are FSDP's own and show only through the step time.
+by the root unit's forward) are FSDP's own and show only through the step time. Under ZeRO-3
+it is the wall time of entering and leaving kltrain's gathered phase (every parameter
+all-gathered, DeepSpeed's hooks removed; hooks put back and parameters partitioned again); the
+per-module gathers of the training forward and backward and the lm_head's show only through the
+step time.
 
 The same global batch runs at every world size (the runs are the same run, tests/
 test_world_size.py), so the ratio of step times is the scaling. "comm" is the wall time spent in
@@ -66,9 +71,28 @@ def _time_collectives(box: dict) -> None:
 
 
 def _time_gathers(box: dict) -> None:
-    """Add the wall time of FSDPModule.unshard (kltrain's explicit whole-model gathers) to
-    box["gather"]."""
+    """Add the wall time of FSDPModule.unshard (kltrain's explicit whole-model gathers) and of
+    entering and leaving ZeroEngine.gathered (ZeRO-3's) to box["gather"]."""
+    from contextlib import contextmanager
+
     from torch.distributed.fsdp import FSDPModule
+
+    from kltrain.training.deepspeed_engine import ZeroEngine
+
+    zero_gathered = ZeroEngine.gathered
+
+    @contextmanager
+    def timed_zero(self):
+        start = time.perf_counter()
+        with zero_gathered(self):
+            box["gather"] += time.perf_counter() - start
+            try:
+                yield
+            finally:
+                start = time.perf_counter()
+        box["gather"] += time.perf_counter() - start
+
+    ZeroEngine.gathered = timed_zero
 
     original = FSDPModule.unshard
 
@@ -143,10 +167,10 @@ def _config(args, root: Path, model: Path, tag: str) -> Path:
     return path
 
 
-def _run(args, root: Path, model: Path, world: int, fsdp2: bool = False) -> dict:
-    from tests.helpers.resume_runs import FSDP2_ENV
+def _run(args, root: Path, model: Path, world: int, engine: str | None = None) -> dict:
+    from tests.helpers.resume_runs import FSDP2_ENV, ZERO3_ENV
 
-    tag = f"w{world}" + ("-fsdp2" if fsdp2 else "")
+    tag = f"w{world}" + (f"-{engine}" if engine else "")
     config, result = _config(args, root, model, tag), root / f"result-{tag}.json"
     me = [str(Path(__file__).resolve()), "--worker", str(config), str(result)]
     if world == 1:
@@ -158,8 +182,7 @@ def _run(args, root: Path, model: Path, world: int, fsdp2: bool = False) -> dict
         command += ["--master_port", str(free_port()), *me]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
     env["TOKENIZERS_PARALLELISM"] = "false"
-    if fsdp2:
-        env.update(FSDP2_ENV)
+    env.update({"fsdp2": FSDP2_ENV, "zero3": ZERO3_ENV, None: {}}[engine])
     with open(root / f"log-{tag}.txt", "w") as log:
         subprocess.run(command, env=env, stdout=log, stderr=log, check=True, cwd=REPO)
     data = json.loads(result.read_text())
@@ -200,6 +223,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per process")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--fsdp2", action="store_true", help="also run every N > 1 under FSDP2")
+    parser.add_argument("--zero3", action="store_true", help="also every N > 1 under ZeRO-3")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -213,8 +237,8 @@ def main() -> None:
         root = Path(tmp)
         model = make_tiny_model_dir(root / "model", hidden=args.hidden, layers=args.layers)
         results = [_run(args, root, model, world) for world in args.processes]
-        if args.fsdp2:
-            results += [_run(args, root, model, w, fsdp2=True) for w in args.processes if w > 1]
+        for engine in [e for e in ("fsdp2", "zero3") if getattr(args, e)]:
+            results += [_run(args, root, model, w, engine) for w in args.processes if w > 1]
     base = results[0]["step_seconds"]
     print(
         f"model: random Llama hidden {args.hidden} × {args.layers} layers; {args.prompts} prompts "

@@ -5,9 +5,9 @@ optimizer step that matches a plain torch AdamW step on an identical copy of the
 ZeRO-3 the chunked lm_head path gets the plain gradients once it runs inside a module forward
 that has the lm_head weight registered (``ChunkedHead``): the way to wire the loop to it.
 
-kltrain's loop runs ZeRO-2 (``kltrain/training/deepspeed_engine.py``, tested against one process
-in ``tests/test_world_size.py``) and refuses ZeRO-3: these tests pin what the configurations mean
-and that both engines start, and show how the loop could be wired to ZeRO-3.
+kltrain's loop runs both (``kltrain/training/deepspeed_engine.py``, tested against one process
+in ``tests/test_world_size.py``; the loop's ZeRO-3 lm_head loss is wired as ``ChunkedHead``
+shows): these tests pin what the configurations mean and that both engines start.
 
 Tolerances (fp32; ``tests/conftest.py`` has the error model):
 
@@ -103,11 +103,12 @@ def test_deepspeed_configs_become_the_plugin_they_describe(name, monkeypatch):
     assert plugin.gradient_clipping == ds["gradient_clipping"] == file["gradient_clipping"]
     assert ds["gradient_accumulation_steps"] == file["gradient_accumulation_steps"]
     precision = raw["mixed_precision"]
+    assert precision == "no"  # kltrain runs DeepSpeed in fp32 only
     assert ds["bf16"] == {"enabled": precision == "bf16"}
     assert ds["fp16"] == {"enabled": precision == "fp16"}
     assert zero["offload_optimizer"]["device"] == file["offload_optimizer_device"]
     assert zero["offload_param"]["device"] == file["offload_param_device"]
-    assert plugin.zero3_init_flag is file["zero3_init_flag"]
+    assert plugin.zero3_init_flag is file["zero3_init_flag"] is False  # kltrain refuses true
     save_16bit = file.get("zero3_save_16bit_model", False)
     assert zero["stage3_gather_16bit_weights_on_model_save"] is save_16bit
     # the command line overrides the file, as `accelerate launch --mixed_precision no` does

@@ -38,6 +38,7 @@ from tests.conftest import read_jsonl, read_metrics
 from tests.helpers.resume_runs import (
     FSDP2_ENV,
     REPO,
+    ZERO3_ENV,
     Zygote,
     child_pythonpath,
     run_processes,
@@ -346,13 +347,19 @@ def test_two_processes_resume_bit_exact_after_sigkill_and_refuse_another_world_s
 
 
 @pytest.mark.multiprocess
-def test_fsdp2_resume_is_bit_exact_after_sigkill_and_refused_on_another_engine(env):
-    """FSDP2 on 2 processes: killed inside step 5, resumed from step 3's checkpoint (full
-    weights, each process's optimizer shard, every RNG), it ends bit for bit where the
-    uninterrupted FSDP2 run ends. The same checkpoint on 2 DDP processes is refused, naming the
-    engines (its optimizer state is per process, of the shards)."""
+@pytest.mark.parametrize(
+    ("engine", "sharded_env"), [("fsdp2", FSDP2_ENV), ("deepspeed_zero3", ZERO3_ENV)]
+)
+def test_sharded_resume_is_bit_exact_after_sigkill_and_refused_on_another_engine(
+    env, engine, sharded_env
+):
+    """FSDP2 and DeepSpeed ZeRO-3 on 2 processes: killed inside step 5, resumed from step 3's
+    checkpoint (full weights, each process's optimizer shard or partition, every RNG), it ends
+    bit for bit where the uninterrupted run on that engine ends. The same checkpoint on 2 DDP
+    processes is refused, naming the engines (its optimizer state is per process, of the
+    shards)."""
 
-    def fit2(name: str, kill=None, resume=False, engine_env=FSDP2_ENV) -> tuple[Path, int]:
+    def fit2(name: str, kill=None, resume=False, engine_env=sharded_env) -> tuple[Path, int]:
         out = env["root"] / name
         cfg = write_config(
             env["root"] / f"{name}.yaml", env["model"], env["prompts"], out, trainer=SIX_STEPS
@@ -361,22 +368,22 @@ def test_fsdp2_resume_is_bit_exact_after_sigkill_and_refused_on_another_engine(e
         log = env["root"] / f"{name}.log"
         return out, run_processes(argv, 2, kill, log=log, env=engine_env)
 
-    ref, rc = fit2("fsdp_ref")
-    assert rc == 0, (env["root"] / "fsdp_ref.log").read_text()[-4000:]
-    run, rc = fit2("fsdp", {"at": "step", "step": 5})
+    ref, rc = fit2(f"{engine}_ref")
+    assert rc == 0, (env["root"] / f"{engine}_ref.log").read_text()[-4000:]
+    run, rc = fit2(engine, {"at": "step", "step": 5})
     assert rc != 0
     assert checkpoint.latest(run / "checkpoints").name == "step-00000003"
-    run, rc = fit2("fsdp", resume=True)
-    assert rc == 0, (env["root"] / "fsdp.log").read_text()[-4000:]
+    run, rc = fit2(engine, resume=True)
+    assert rc == 0, (env["root"] / f"{engine}.log").read_text()[-4000:]
+    assert checkpoint.load_state(run / "checkpoints" / "step-00000006")["engine"] == engine
     assert_same_run(ref, run, last=6)
-    _, rc = fit2("fsdp", resume=True, engine_env={})
+    _, rc = fit2(engine, resume=True, engine_env={})
     assert rc != 0
-    assert (
-        "with engine fsdp2; this run is 2 with engine ddp" in (env["root"] / "fsdp.log").read_text()
-    )
+    log = (env["root"] / f"{engine}.log").read_text()
+    assert f"with engine {engine}; this run is 2 with engine ddp" in log
 
 
-#: A shorter run for the FSDP2 resume test: checkpoints at steps 3 and 6.
+#: A shorter run for the FSDP2 / ZeRO-3 resume test: checkpoints at steps 3 and 6.
 SIX_STEPS = {"max_steps": 6, "keep_last": 2}
 
 

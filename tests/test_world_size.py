@@ -33,7 +33,7 @@ from kltrain.training.distributed import (
     refuse_requested_deepspeed,
 )
 from tests.conftest import TINY_STEP_ONE_TOL
-from tests.helpers.resume_runs import FSDP2_ENV, REPO, ZERO2_ENV, child_pythonpath
+from tests.helpers.resume_runs import FSDP2_ENV, REPO, ZERO2_ENV, ZERO3_ENV, child_pythonpath
 from tests.helpers.tiny import loop_config_raw, make_tiny_model_dir, update_sections
 
 #: Per-step metrics: |a − b| ≤ METRIC_RTOL·max(|a|, |b|) + METRIC_ATOL. The runs differ only in
@@ -106,6 +106,18 @@ RUNS = {
         {
             "algorithm": {"name": "ppo", "num_generations": 2, "epochs": 2},
             "kl": {"estimator": "k1", "placement": "reward"},
+        },
+        True,
+    ),
+    # PPO over 2 minibatches drawn from the global batch, micro-batch 1: a process holding fewer
+    # of a minibatch's rows runs micro-batches with no valid token, whose value loss must still
+    # run the value head (DeepSpeed reduces its gradient with the policy's: before, the
+    # processes' reductions no longer paired up and gloo aborted the run)
+    "ppo_k1_minibatches": (
+        {
+            "algorithm": {"name": "ppo", "num_generations": 2, "epochs": 2, "num_minibatches": 2},
+            "kl": {"estimator": "k1", "placement": "reward"},
+            "trainer": {"micro_batch_size": 1},
         },
         True,
     ),
@@ -229,8 +241,11 @@ def _launch(root: Path, world: int, configs: list[Path], tag: str, env: dict | N
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     model = str(make_tiny_model_dir(root / "model"))
-    launches = [(1, "w1", None), (2, "w2", None), (2, "fsdp2", FSDP2_ENV), (2, "zero2", ZERO2_ENV)]
-    launches.append((4, "w4", None))  # 4 processes × 1 micro-batch: the whole-batch run only
+    launches = [
+        *((1, "w1", None), (2, "w2", None), (2, "fsdp2", FSDP2_ENV)),
+        *((2, "zero2", ZERO2_ENV), (2, "zero3", ZERO3_ENV)),
+        (4, "w4", None),  # 4 processes × 1 micro-batch: the whole-batch run only
+    ]
     for world, tag, env in launches:
         configs = [
             _config(root, model, name, tag, sections)
@@ -306,10 +321,18 @@ def test_two_processes_form_one_group_and_record_its_size(runs):
 #: the lm_head gathered once per micro-batch, full weights gathered for generation and the
 #: scoring passes); DeepSpeed ZeRO-2 (optimizer state and gradients partitioned, the gradient
 #: reduced per micro-batch into each process's partition, DeepSpeed's own clipping and step,
-#: PPO's value head partitioned with the policy). Each differs from one process only in which
-#: process sums which gradient entries (and ZeRO-2 in a rounding of the clip coefficient): fp32
-#: reduction order, so all share the DDP comparison's bounds.
-TWO_PROCESS_ENGINES = {"w2": "ddp", "fsdp2": "fsdp2", "zero2": "deepspeed_zero2"}
+#: PPO's value head partitioned with the policy); DeepSpeed ZeRO-3 (the parameters partitioned
+#: too: the lm_head gathered for the chunked loss inside a module forward, all weights gathered
+#: once for generation and the scoring passes; the tiny model's norms, under 10 × hidden
+#: elements, stay whole). Each differs from one process only in which process sums which
+#: gradient entries (and ZeRO-2/3 in a rounding of the clip coefficient): fp32 reduction order,
+#: so all share the DDP comparison's bounds.
+TWO_PROCESS_ENGINES = {
+    "w2": "ddp",
+    "fsdp2": "fsdp2",
+    "zero2": "deepspeed_zero2",
+    "zero3": "deepspeed_zero3",
+}
 
 
 @pytest.mark.multiprocess
@@ -463,23 +486,25 @@ def test_accelerate_configs_parse_as_accelerate_reads_them(name, engine):
 def test_engines_the_loop_does_not_run_are_refused_by_name(monkeypatch):
     with pytest.raises(ProcessGroupError, match=r"engine MEGATRON_LM is not supported"):
         check_engine("MEGATRON_LM")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    for supported in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED"):
-        check_engine(supported)
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")  # DEEPSPEED: Accelerate on GPUs
-    with pytest.raises(ConfigError, match=r"zero_stage: 3 .*ZeRO-3 is not supported yet"):
+    for stage in ("2", "3"):  # DEEPSPEED: Accelerate on GPUs
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage)
+        for supported in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED"):
+            check_engine(supported)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    with pytest.raises(ConfigError, match=r"zero_stage: 1 .*ZeRO-2 and ZeRO-3 are"):
         check_engine("DEEPSPEED")
 
 
-def test_a_launch_that_asked_for_zero3_is_refused_by_name_before_accelerate_drops_it(monkeypatch):
+def test_a_deepspeed_launch_runs_zero2_and_zero3_and_refuses_other_stages_by_name(monkeypatch):
     """`accelerate launch --config_file deepspeed_zero3.yaml` (on a CPU machine Accelerate makes
-    it MULTI_CPU without a word): refused from the launcher's variables, naming ZeRO-3 and saying
-    that ZeRO-2 is supported; a ZeRO-2 launch passes."""
-    for key, value in ZERO2_ENV.items():
-        monkeypatch.setenv(key, value)
-    refuse_requested_deepspeed()
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(ConfigError, match=r"ZeRO-3 is not supported yet.*ZeRO-2 is supported"):
+    it MULTI_CPU without a word) passes, as ZeRO-2 does (before: ZeRO-3 refused); a launch naming
+    stage 1 or none is refused from the launcher's variables, naming the stage and what runs."""
+    for env in (ZERO2_ENV, ZERO3_ENV):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        refuse_requested_deepspeed()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    with pytest.raises(ConfigError, match=r"zero_stage: 1 .*not supported. ZeRO-2 and ZeRO-3 are"):
         refuse_requested_deepspeed()
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     with pytest.raises(ConfigError, match=r"zero_stage: None"):
@@ -561,7 +586,7 @@ def test_kltrain_fit_with_the_shipped_deepspeed_zero2_config_trains_saves_and_re
     """`kltrain fit CONFIG --num-processes 2 --accelerate-config
     configs/accelerate/deepspeed_zero2.yaml` on a CPU machine (where Accelerate itself would drop
     DeepSpeed for MULTI_CPU): a ZeRO-2 run of world size 2, recorded in config.yaml and the
-    checkpoints, whose optimizer.pt holds each process's partition of the AdamW state (PPO: the
+    checkpoints, whose optimizer/ holds each process's partition of the AdamW state (PPO: the
     value head partitioned with the policy). Resumed from step 1's checkpoint it writes step 2's
     checkpoint bit for bit as the uninterrupted run did; on DDP processes it is refused, naming
     both engines."""
@@ -624,10 +649,118 @@ def test_kltrain_fit_with_the_shipped_deepspeed_zero2_config_trains_saves_and_re
 
 
 @pytest.mark.multiprocess
-def test_deepspeed_zero2_skips_an_update_with_a_non_finite_loss_or_gradient(tmp_path):
-    """Under ZeRO-2 (2 processes) kltrain's guard holds: step 2's loss is NaN but its gradient
-    finite (DeepSpeed alone would apply it), step 3's gradient is NaN too (DeepSpeed's own
-    overflow skip); neither changes a weight, both are counted, step 1 trains."""
+def test_kltrain_fit_with_the_shipped_deepspeed_zero3_config_matches_one_process_and_resumes(
+    tmp_path,
+):
+    """`kltrain fit CONFIG --num-processes 2 --accelerate-config
+    configs/accelerate/deepspeed_zero3.yaml` on a CPU machine, on a model whose lm_head is its
+    input embedding (tied, as smollm2-135m): a ZeRO-3 run of world size 2 (PPO: the value head
+    partitioned with the policy; a held-out evaluation generated by process 0 on gathered
+    weights) whose metrics and final weights are the 1-process run's within the bounds of
+    ``test_one_and_two_processes_run_the_same_run``; final/ holds the full, still tied weights
+    and optimizer/ each process's partition of the AdamW state. Resumed from step 1's
+    checkpoint it writes step 2's checkpoint bit for bit as the uninterrupted run did; on DDP
+    processes it is refused, naming both engines."""
+    from safetensors.torch import load_file as load
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_resume import assert_equal_nested
+
+    model_dir = make_tiny_model_dir(tmp_path / "model", tied=True)
+    raw = loop_config_raw(str(model_dir), tmp_path / "run")
+    raw["trainer"].update({"max_steps": 2, "save_every": 1, "keep_last": 2, "eval_every": 1})
+    raw["trainer"].update({"prompts_per_step": 4})
+    raw["data"]["heldout_prompts"] = 2
+    raw["seed"] = 11
+    update_sections(raw, {"algorithm": {"name": "ppo", "num_generations": 2, "epochs": 2}})
+    update_sections(raw, {"kl": {"estimator": "k1", "placement": "reward"}})
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    zero3 = ("--accelerate-config", str(ACCELERATE_CONFIGS / "deepspeed_zero3.yaml"))
+    done = _kltrain_fit(config, *zero3)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "kltrain: world_size 2 (engine deepspeed_zero3, backend gloo" in done.stdout
+    run = tmp_path / "run"
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert (recorded["world_size"], recorded["engine"]) == (2, "deepspeed_zero3")
+    first, last = (run / "checkpoints" / f"step-{s:08d}" for s in (1, 2))
+    assert checkpoint.load_state(first)["engine"] == "deepspeed_zero3"
+    assert "eval/reward/mean" in _metrics(run)[0]
+
+    # the same run on one process (no engine): same metrics and update, fp32 reduction order
+    raw_one = {**raw, "trainer": {**raw["trainer"], "output_dir": str(tmp_path / "one")}}
+    config_one = tmp_path / "one.yaml"
+    config_one.write_text(yaml.safe_dump(raw_one))
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "TOKENIZERS_PARALLELISM": "false"}
+    env["OMP_NUM_THREADS"] = "1"  # as the launcher sets it, so both run the same kernels
+    one = subprocess.run(
+        [sys.executable, "-m", "kltrain", "fit", str(config_one)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-4000:]
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("eval/")} for r in rows]  # noqa: E731
+    _assert_metrics_close(strip(_metrics(tmp_path / "one")), strip(_metrics(run)))
+    initial = load(str(model_dir / "model.safetensors"))
+    _assert_same_update(tmp_path / "one", run, initial)
+
+    final = load(str(run / "final" / "model.safetensors"))
+    assert final.keys() == initial.keys()  # full weights, the tied one saved once
+    assert all(final[k].shape == initial[k].shape for k in final)
+    reloaded = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert torch.equal(reloaded.model.embed_tokens.weight, final["model.embed_tokens.weight"])
+
+    _assert_one_optimizer_file_per_process(first, 2)
+    per_process = [checkpoint.load_process_state(first, i) for i in range(2)]
+    policy = load(str(model_dir / "model.safetensors"))
+    value_head = load(str(first / "modules" / "value_head.safetensors"))
+    assert {k: v.shape for k, v in value_head.items()} == {
+        "linear.weight": (1, 32),
+        "linear.bias": (1,),
+    }  # gathered whole, not a partition
+    # the policy's param group, then the value head's: each split over the processes (each
+    # parameter padded to a multiple of the process count), not whole on each
+    for group, weights in enumerate((policy, value_head)):
+        total = sum(t.numel() for t in weights.values())
+        sizes = [s["state"][group]["exp_avg"].numel() for s in per_process]
+        assert all(n < total for n in sizes) and total <= sum(sizes) <= total + len(weights), sizes
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(first, resumed / "checkpoints" / first.name)
+    for name in ("config.yaml", "metrics.jsonl", "samples.jsonl"):
+        shutil.copy(run / name, resumed / name)
+    raw["trainer"]["output_dir"] = str(resumed)
+    config_resumed = tmp_path / "resumed.yaml"
+    config_resumed.write_text(yaml.safe_dump(raw))
+    checkpoint_1 = resumed / "checkpoints" / first.name
+    done = _kltrain_fit(config_resumed, *zero3, "--resume", str(checkpoint_1))
+    assert done.returncode == 0, done.stderr[-4000:]
+    again = resumed / "checkpoints" / last.name
+    for name in ("optimizer/process-00000.pt", "optimizer/process-00001.pt", "scheduler.pt"):
+        assert_equal_nested(
+            checkpoint.load_tensors(last / name), checkpoint.load_tensors(again / name)
+        )
+    for sub in ("model/model.safetensors", "modules/value_head.safetensors"):
+        a, b = load(str(last / sub)), load(str(again / sub))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+
+    done = _kltrain_fit(config, "--resume", str(first))  # DDP
+    assert done.returncode != 0
+    assert "with engine deepspeed_zero3; this run is 2 with engine ddp" in done.stdout + done.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("stage", "engine_env"), [(2, ZERO2_ENV), (3, ZERO3_ENV)])
+def test_deepspeed_skips_an_update_with_a_non_finite_loss_or_gradient(tmp_path, stage, engine_env):
+    """Under ZeRO-2 and ZeRO-3 (2 processes) kltrain's guard holds: step 2's loss is NaN but its
+    gradient finite (DeepSpeed alone would apply it), step 3's gradient is NaN too (DeepSpeed's
+    own overflow / invalid-norm skip); neither changes a weight (ZeRO-3: a weight partition),
+    both are counted, step 1 trains."""
     model = str(make_tiny_model_dir(tmp_path / "model"))
     raw = loop_config_raw(model, tmp_path / "run")
     raw["trainer"].update({"max_steps": 3, "prompts_per_step": 4, "max_consecutive_skips": 5})
@@ -637,10 +770,10 @@ def test_deepspeed_zero2_skips_an_update_with_a_non_finite_loss_or_gradient(tmp_
     command += ["--master_port", str(free_port()), "-m", "tests.helpers.zero2_skip", str(config)]
     env = {**os.environ, "PYTHONPATH": child_pythonpath(), "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
-        command, cwd=REPO, env={**env, **ZERO2_ENV}, capture_output=True, text=True, timeout=600
+        command, cwd=REPO, env={**env, **engine_env}, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert "engine deepspeed_zero2" in done.stdout
+    assert f"engine deepspeed_zero{stage}" in done.stdout
     moved = json.loads((tmp_path / "run" / "moved.json").read_text())
     assert moved == {"1": True, "2": False, "3": False}
     metrics = _metrics(tmp_path / "run")
@@ -653,33 +786,86 @@ def test_zero2_settings_map_max_grad_norm_and_refuse_what_kltrain_does_not_honou
     (a file that says otherwise is refused naming both), kltrain owns accumulation (the
     engine's boundary is its step) and precision is fp32; bf16, offload and accumulation in the
     file are refused by key."""
-    from kltrain.training.deepspeed_engine import Zero2Settings
+    from kltrain.training.deepspeed_engine import ZeroSettings
 
     for key, value in ZERO2_ENV.items():
         monkeypatch.setenv(key, value)
-    config = Zero2Settings.from_accelerate("no", 1.0, micro_batch_size=4, world=2).config
+    config = ZeroSettings.from_accelerate("no", 1.0, micro_batch_size=4, world=2).config
     assert config["gradient_clipping"] == 1.0 and config["zero_optimization"]["stage"] == 2
     assert config["managed_gradient_accumulation"] is False
     assert config["gradient_accumulation_steps"] == 1 and config["train_batch_size"] == 8
     assert config["bf16"] == config["fp16"] == {"enabled": False}
-    sized = Zero2Settings.from_accelerate("no", 1.0, 4, world=2, hidden_size=576).config
+    sized = ZeroSettings.from_accelerate("no", 1.0, 4, world=2, hidden_size=576).config
     assert sized["zero_optimization"]["reduce_bucket_size"] == 576 * 576  # as Accelerate's auto
     assert sized["zero_optimization"]["allgather_bucket_size"] == 576 * 576
     for max_grad_norm in (0.5, None):
         with pytest.raises(ConfigError, match=rf"gradient_clipping: 1.0 .*={max_grad_norm}"):
-            Zero2Settings.from_accelerate("no", max_grad_norm, micro_batch_size=4, world=2)
+            ZeroSettings.from_accelerate("no", max_grad_norm, micro_batch_size=4, world=2)
     with pytest.raises(ConfigError, match=r"mixed_precision: bf16"):
-        Zero2Settings.from_accelerate("bf16", 1.0, micro_batch_size=4, world=2)
+        ZeroSettings.from_accelerate("bf16", 1.0, micro_batch_size=4, world=2)
     with pytest.raises(ConfigError, match=r"model.dtype: bf16 under DeepSpeed"):
-        Zero2Settings.from_accelerate("no", 1.0, micro_batch_size=4, world=2, model_dtype="bf16")
+        ZeroSettings.from_accelerate("no", 1.0, micro_batch_size=4, world=2, model_dtype="bf16")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
     with pytest.raises(ConfigError, match=r"offload_optimizer_device: cpu"):
-        Zero2Settings.from_accelerate("no", 1.0, micro_batch_size=4, world=2)
+        ZeroSettings.from_accelerate("no", 1.0, micro_batch_size=4, world=2)
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
     with pytest.raises(ConfigError, match=r"gradient_accumulation_steps: 2"):
-        Zero2Settings.from_accelerate("no", 1.0, micro_batch_size=4, world=2)
+        ZeroSettings.from_accelerate("no", 1.0, micro_batch_size=4, world=2)
     monkeypatch.delenv("ACCELERATE_GRADIENT_CLIPPING")
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
-    unset = Zero2Settings.from_accelerate("no", None, micro_batch_size=4, world=2).config
+    unset = ZeroSettings.from_accelerate("no", None, micro_batch_size=4, world=2).config
     assert unset["gradient_clipping"] == 0.0  # not in the file: trainer.max_grad_norm (none)
+
+
+def test_zero3_settings_partition_and_refuse_what_kltrain_does_not_honour(monkeypatch, tmp_path):
+    """The engine's DeepSpeed config from a ZeRO-3 launch: stage 3, parameters above 10 × hidden
+    elements partitioned (Accelerate's ``auto``), no prefetch, kltrain's accumulation and
+    clipping; zero3_init_flag, zero3_save_16bit_model, bf16, a non-fp32 model and a prefetch
+    bucket in a DeepSpeed config file are refused by key."""
+    import json as json_
+
+    from kltrain.training.deepspeed_engine import ZeroSettings
+
+    for key, value in ZERO3_ENV.items():
+        monkeypatch.setenv(key, value)
+    config = ZeroSettings.from_accelerate("no", 1.0, 4, world=2, hidden_size=32).config
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_prefetch_bucket_size"] == 0
+    assert zero["stage3_param_persistence_threshold"] == 320 and zero["reduce_bucket_size"] == 1024
+    assert "allgather_bucket_size" not in zero  # a ZeRO-2 key
+    assert config["managed_gradient_accumulation"] is False and config["gradient_clipping"] == 1.0
+    assert config["bf16"] == config["fp16"] == {"enabled": False}
+    for key, name in (
+        ("ACCELERATE_DEEPSPEED_ZERO3_INIT", "zero3_init_flag"),
+        ("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "zero3_save_16bit_model"),
+    ):
+        monkeypatch.setenv(key, "true")
+        with pytest.raises(ConfigError, match=rf"{name}: true .*set {name}: false"):
+            ZeroSettings.from_accelerate("no", 1.0, 4, world=2)
+        monkeypatch.setenv(key, "false")
+    with pytest.raises(ConfigError, match=r"mixed_precision: bf16"):
+        ZeroSettings.from_accelerate("bf16", 1.0, 4, world=2)
+    with pytest.raises(ConfigError, match=r"model.dtype: bf16 under DeepSpeed ZeRO-3"):
+        ZeroSettings.from_accelerate("no", 1.0, 4, world=2, model_dtype="bf16")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "cpu")
+    with pytest.raises(ConfigError, match=r"offload_param_device: cpu"):
+        ZeroSettings.from_accelerate("no", 1.0, 4, world=2)
+    # a DeepSpeed config file (deepspeed_config_file: the Accelerate file has no prefetch key);
+    # zero3_init_flag then defaults to true for a stage-3 file: the Accelerate file says false
+    init = "ACCELERATE_DEEPSPEED_ZERO3_INIT"
+    for key in ZERO3_ENV:
+        if key not in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_MIXED_PRECISION", init):
+            monkeypatch.delenv(key)
+    ds = {
+        "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 1000},
+        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": "auto",
+    }
+    (tmp_path / "ds.json").write_text(json_.dumps(ds))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
+    with pytest.raises(ConfigError, match=r"stage3_prefetch_bucket_size: 1000 .*set 0 or auto"):
+        ZeroSettings.from_accelerate("no", None, 4, world=2)
+    ds["zero_optimization"]["stage3_prefetch_bucket_size"] = "auto"
+    (tmp_path / "ds.json").write_text(json_.dumps(ds))
+    assert ZeroSettings.from_accelerate("no", None, 4, world=2).stage == 3

@@ -74,19 +74,11 @@ class Algorithm(ABC):
         return g.key, line
 
     def hidden_loss(
-        self,
-        hidden: Tensor,
-        batch: TrainBatch,
-        rows: Tensor,
-        num_tokens: int,
-        mask: Tensor | None = None,
+        self, hidden: Tensor, batch: TrainBatch, rows: Tensor, num_tokens: int
     ) -> Tensor | None:
         """Extra loss on the policy's completion hidden states [b, T, H] (e.g. PPO's value head),
-        normalised by the global token count; None when the algorithm has none. ``mask`` [b, T]:
-        the tokens that count, default the rows' completion mask; a process's padding
-        micro-batch passes an all-False one, so that its modules still run forward and backward
-        (their engine's collectives pair with the other processes') and add nothing."""
-        del hidden, batch, rows, num_tokens, mask
+        normalised by the global token count; None when the algorithm has none."""
+        del hidden, batch, rows, num_tokens
         return None
 
     def pop_update_sums(self) -> dict[str, float]:
@@ -116,12 +108,15 @@ class Algorithm(ABC):
         mean: Callable[[Tensor], float] | None = None,
         gather: Callable[[Tensor], Tensor] | None = None,
         process_index: int = 0,
+        policy_state: Callable[[], dict[str, Tensor]] | None = None,
     ) -> None:
         """Called once by the loop with the placed ``Models`` (before ``modules()`` are read);
         ``mean`` averages a [B] tensor over every process's samples; on several processes,
         ``gather`` concatenates every process's rows in process order and ``process_index``
-        says which rows are this process's."""
-        del models, mean, gather, process_index
+        says which rows are this process's; ``policy_state`` reads the policy's weights as a
+        state dict another copy of it can load (a collective where they are partitioned, ZeRO-3;
+        default ``models.policy.state_dict()``)."""
+        del models, mean, gather, process_index, policy_state
 
     def sampling_model(self, models) -> torch.nn.Module:
         """The model that generates the rollouts (default: the policy)."""

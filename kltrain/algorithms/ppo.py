@@ -55,10 +55,11 @@ class Ppo(Algorithm):
         mean: Callable[[Tensor], float] | None = None,
         gather: Callable[[Tensor], Tensor] | None = None,
         process_index: int = 0,
+        policy_state: Callable[[], dict[str, Tensor]] | None = None,
     ) -> None:
         """``mean`` averages a tensor over every process's entries: the advantage whitening and
         the batch metrics then use the global token statistics, identical on every process."""
-        del models, gather, process_index
+        del models, gather, process_index, policy_state
         self.global_mean = mean
 
     @property
@@ -116,12 +117,7 @@ class Ppo(Algorithm):
 
     # ------------------------------------------------------------------------------------------
     def hidden_loss(
-        self,
-        hidden: Tensor,
-        batch: TrainBatch,
-        rows: Tensor,
-        num_tokens: int,
-        mask: Tensor | None = None,
+        self, hidden: Tensor, batch: TrainBatch, rows: Tensor, num_tokens: int
     ) -> Tensor | None:
         """``value_coef · Σ_valid token_value_loss / num_tokens`` on the rows' current values."""
         r = batch.rollout
@@ -130,7 +126,7 @@ class Ppo(Algorithm):
             values,
             batch.extras["old_values"][rows],
             batch.extras["returns"][rows],
-            r.completion_mask[rows] if mask is None else mask,
+            r.completion_mask[rows],
             num_tokens,
             self.ppo.value_clip_range,
         )

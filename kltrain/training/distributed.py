@@ -56,16 +56,17 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         )
     if deepspeed_engine.requested() and acc.num_processes == 1:
         raise ProcessGroupError(
-            "the Accelerate config asks for DeepSpeed ZeRO-2 but this is one process: launch 2 or "
-            "more (`kltrain fit CONFIG --num-processes N --accelerate-config "
-            "configs/accelerate/deepspeed_zero2.yaml`), or drop it to train on one process"
+            f"the Accelerate config asks for DeepSpeed ZeRO-{deepspeed_engine.requested_stage()} "
+            "but this is one process: launch 2 or more (`kltrain fit CONFIG --num-processes N "
+            "--accelerate-config configs/accelerate/deepspeed_zero2.yaml` or "
+            "deepspeed_zero3.yaml), or drop it to train on one process"
         )
     return acc
 
 
 #: Accelerate engines the loop runs on: none (1 process), DDP (CPU gloo / GPU NCCL), FSDP
 #: (version 2; also asked for on a CPU machine, where Accelerate reports MULTI_CPU) and DeepSpeed
-#: ZeRO-2 (on GPUs Accelerate reports DEEPSPEED, on a CPU machine MULTI_CPU; kltrain builds the
+#: ZeRO-2/3 (on GPUs Accelerate reports DEEPSPEED, on a CPU machine MULTI_CPU; kltrain builds the
 #: engine itself, :mod:`kltrain.training.deepspeed_engine`).
 SUPPORTED_ENGINES = ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED")
 
@@ -86,20 +87,20 @@ def check_engine(distributed_type: str) -> None:
 
 def refuse_requested_deepspeed() -> None:
     """A launch that asked for DeepSpeed (``ACCELERATE_USE_DEEPSPEED``, set by ``accelerate
-    launch`` from a DeepSpeed config) with another stage than ZeRO-2 (ZeRO-3, or none named) is
-    refused before the Accelerator exists, naming the stage: on a CPU machine Accelerate drops
+    launch`` from a DeepSpeed config) with another stage than ZeRO-2 or ZeRO-3 (0, 1, none named)
+    is refused before the Accelerator exists, naming the stage: on a CPU machine Accelerate drops
     DeepSpeed silently and the run would otherwise train data-parallel."""
     if deepspeed_engine.requested():
         deepspeed_engine.check_stage(deepspeed_engine.requested_stage())
 
 
 def engine(acc: Accelerator) -> str:
-    """The engine this run trains with: ``fsdp2``, ``deepspeed_zero2``, ``ddp`` or ``none``
-    (one process)."""
+    """The engine this run trains with: ``fsdp2``, ``deepspeed_zero2``, ``deepspeed_zero3``,
+    ``ddp`` or ``none`` (one process)."""
     if acc.num_processes > 1 and (fsdp.requested() or acc.distributed_type.value == "FSDP"):
         return "fsdp2"
     if acc.num_processes > 1 and deepspeed_engine.requested():
-        return deepspeed_engine.ENGINE
+        return deepspeed_engine.requested_engine()
     return "ddp" if acc.num_processes > 1 else "none"
 
 
@@ -163,6 +164,15 @@ def launch_command(
         "kltrain",
         *argv,
     ]
+
+
+def leave_process_group() -> None:
+    """At the end of a launched process: wait for every process, then close the group, so that no
+    process exits while a peer still holds its connections open (gloo may then abort the peer,
+    SIGABRT, after a run that finished; NCCL warns of a group never destroyed)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def free_port() -> int:

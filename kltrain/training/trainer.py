@@ -14,6 +14,7 @@ SIGUSR1 stop the run at the next safe point with a complete checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import shutil
@@ -58,7 +59,7 @@ from kltrain.training import checkpoint, deepspeed_engine, distributed, fsdp, pr
 from kltrain.training.tracking import RunLogger, StepResult
 
 #: Engines whose optimizer state is sharded over the processes: checkpointed per process.
-SHARDING_ENGINES = frozenset({"fsdp2", deepspeed_engine.ENGINE})
+SHARDING_ENGINES = frozenset({"fsdp2", *deepspeed_engine.ENGINES.values()})
 #: Per-token statistics summed inside the lm_head kernel over this process's tokens (each
 #: already divided by the global token count), so the processes' sums add up to the global value.
 LOCAL_TOKEN_SUMS = ("clip_fraction", "approx_kl_old", "importance_ratio_mean")
@@ -157,6 +158,7 @@ class Trainer:
             mean=self._mean,
             gather=(lambda t: distributed.gather_rows(acc, t)) if many else None,
             process_index=acc.process_index,
+            policy_state=self._policy_state,
         )
         for module in self._algorithm_modules().values():
             module.to(acc.device)
@@ -186,8 +188,8 @@ class Trainer:
             num_warmup_steps=cfg.trainer.warmup_steps,
             num_training_steps=cfg.trainer.max_steps,
         )
-        if self.engine == deepspeed_engine.ENGINE:  # after the weights were loaded (resume)
-            self._build_zero2()
+        if self.zero_requested:  # after the weights were loaded (resume)
+            self._build_zero()
         logged = {n: get_divergence(n) for n in LOGGED_DIVERGENCES}
         logged[self.regulariser.divergence.name] = self.regulariser.divergence
         self.measured_divergences = list(logged.values())
@@ -246,11 +248,10 @@ class Trainer:
                     "model.dtype: fp32, or mixed_precision: no"
                 )
         hidden = distributed.PolicyHidden(self.models.policy, completion_hidden)
-        self.zero2: deepspeed_engine.Zero2 | None = None  # DeepSpeed: built with the optimizer
+        self.zero: deepspeed_engine.ZeroEngine | None = None  # DeepSpeed: built with the optimizer
+        self.zero_requested = self.engine in deepspeed_engine.ENGINES.values()
         self.policy_forward = (
-            hidden
-            if self.engine == deepspeed_engine.ENGINE
-            else distributed.prepare_policy(acc, hidden, settings)
+            hidden if self.zero_requested else distributed.prepare_policy(acc, hidden, settings)
         )
         self.reference_forward = None
         if settings is not None and self.models.reference is not None:
@@ -270,12 +271,13 @@ class Trainer:
                 distributed.shard_and_init(frozen, settings, acc.device)
                 self.frozen_forwards.append(frozen)
 
-    def _build_zero2(self) -> None:
-        """DeepSpeed ZeRO-2 around the training forward and the AdamW (all param groups: the
+    def _build_zero(self) -> None:
+        """DeepSpeed ZeRO-2/3 around the training forward and the AdamW (all param groups: the
         algorithm's modules are partitioned and reduced with the policy); the scheduler keeps
-        driving that AdamW's param groups."""
+        driving that AdamW's param groups. ZeRO-3: the lm_head weights the loss reads (the
+        policy's; under LoRA the reference's, the same base weight) are gathered for it."""
         cfg, acc = self.cfg, self.accelerator
-        settings = deepspeed_engine.Zero2Settings.from_accelerate(
+        settings = deepspeed_engine.ZeroSettings.from_accelerate(
             acc.mixed_precision,
             cfg.trainer.max_grad_norm,
             cfg.trainer.micro_batch_size,
@@ -284,14 +286,31 @@ class Trainer:
             getattr(self.models.policy.config, "hidden_size", None),
         )
         root = deepspeed_engine.TrainedModules(self.policy_forward, self.algorithm.modules())
-        self.zero2 = deepspeed_engine.Zero2(root, self.optimizer, settings, acc.num_processes)
-        self.policy_forward = self.zero2.engine
+        lm_head = list(lm_head_params(self.models.policy))
+        if self.models.reference is None:  # LoRA: the reference is the policy's base model
+            with self.models.reference_context():
+                lm_head += lm_head_params(self.models.reference_model)
+        self.zero = deepspeed_engine.ZeroEngine(
+            root, self.optimizer, settings, acc.num_processes, lm_head=lm_head
+        )
+        self.policy_forward = self.zero.engine
 
     def _full_weights(self, blocks: bool = True) -> AbstractContextManager:
-        """Inside: the sharded models' full weights (FSDP2; all processes enter it); a no-op for
-        DDP and one process."""
+        """Inside: the sharded models' full weights (FSDP2, ZeRO-3; all processes enter it); a
+        no-op for DDP, ZeRO-2 and one process."""
+        if self.zero is not None:
+            return self.zero.gathered()
         roots = (self.policy_forward, self.reference_forward, *self.frozen_forwards)
         return fsdp.gathered(*roots, blocks=blocks)
+
+    def _policy_state(self) -> dict[str, Tensor]:
+        """The policy's weights as a copy of it loads them (f-DPG's q ← π): under ZeRO-3
+        gathered whole (a collective), else the module's own state dict (FSDP2: its shards,
+        which the proposal, sharded alike, loads shard onto shard)."""
+        if self.zero is not None and self.zero.stage == 3:
+            with self.zero.full_parameters():
+                return {k: v.detach().clone() for k, v in self.models.policy.state_dict().items()}
+        return self.models.policy.state_dict()
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """The policy's trainable parameters at ``trainer.learning_rate``, then the algorithm's
@@ -308,13 +327,15 @@ class Trainer:
 
     def _algorithm_modules(self, saving: bool = False) -> dict[str, Any]:
         """Everything the algorithm owns that a checkpoint holds: trainable and frozen. ``saving``
-        (every process calls it: a collective under FSDP2): under DeepSpeed the trainable ones as
-        copies owning their storage (ZeRO-2 made their parameters views into its flat buffer,
-        which safetensors refuses to write); an FSDP2-sharded one (PPO's value model) as its
-        full state dict, gathered to process 0."""
+        (every process calls it: a collective under FSDP2 and ZeRO-3, and only the main process's
+        result holds the gathered weights): under DeepSpeed the trainable ones as copies owning
+        their storage (ZeRO-2 made their parameters views into its flat buffer, which
+        safetensors refuses to write), under ZeRO-3 their gathered full weights; an
+        FSDP2-sharded one (PPO's value model, f-DPG's proposal) as its full state dict."""
         trainable: dict[str, Any] = self.algorithm.modules()
-        if saving and self.zero2 is not None:
-            trainable = deepspeed_engine.owned_copies(trainable)
+        if saving and self.zero is not None:
+            main = self.accelerator.is_main_process
+            trainable = self.zero.full_module_copies(trainable, main)
         modules = {**trainable, **self.algorithm.frozen_modules()}
         if saving and self.engine == "fsdp2":
             modules = {
@@ -568,14 +589,14 @@ class Trainer:
             part = rows[start : start + micro]
             with distributed.sync_context(self.policy_forward, sync=start == starts[-1]):
                 loss = self._micro_batch_loss(batch, part, num_tokens, sums)
-                if self.zero2 is None:
+                if self.zero is None:
                     loss.backward()
                 else:
-                    self.zero2.backward(loss)
+                    self.zero.backward(loss)
             loss_total += loss.detach()
-        if self.zero2 is not None:  # DeepSpeed reduces, clips and steps (skips) in one call
+        if self.zero is not None:  # DeepSpeed reduces, clips and steps (skips) in one call
             loss_value = self._sum_across(loss_total)
-            grad_norm = self.zero2.step(discard=not math.isfinite(loss_value))
+            grad_norm = self.zero.step(discard=not math.isfinite(loss_value))
         else:
             distributed.all_reduce_gradients(self.accelerator, self.module_params)
             grad_norm = self._clip_gradients()
@@ -584,7 +605,7 @@ class Trainer:
         sums["grad_norm"] += grad_norm
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
-            if self.zero2 is None:
+            if self.zero is None:
                 self.optimizer.step()
             self._check_weights_finite(step)
             self.state.consecutive_skips = 0
@@ -605,9 +626,10 @@ class Trainer:
             mask = r.completion_mask[rows]
         hidden = self.policy_forward(r.input_ids[rows], r.attention_mask[rows], r.prompt_length)
         if not mask.any():  # the engine's collectives pair up only if every process backwards
-            zero = hidden.sum() * 0.0 + lm_head_params(policy)[0].sum() * 0.0
-            extra = self.algorithm.hidden_loss(hidden, batch, rows, num_tokens, mask)
-            return zero if extra is None else zero + extra
+            loss = self._head_call(
+                hidden, lambda h: h.sum() * 0.0 + lm_head_params(policy)[0].sum() * 0.0
+            )
+            return loss + self._no_token_hidden_loss(hidden, batch, rows, num_tokens)
         old = r.stats["logprobs"][rows][mask]
         ref_lp = r.stats["ref_logprobs"][rows][mask]
         adv = batch.advantages[rows][mask]
@@ -628,28 +650,51 @@ class Trainer:
             return per_token.sum() / num_tokens
 
         temperature = self.cfg.generation.temperature  # train π^(1/T), the sampled distribution
-        weight, bias = lm_head_params(policy)
-        _, bias = tempered(None, bias, temperature)
-        ref_hidden = ref_weight = ref_bias = None
-        if exact_in_loss:
-            ref_hidden = tempered(r.ref_hidden[rows][mask], None, temperature)[0]
-            with self.models.reference_context():
-                ref_weight, ref_bias = lm_head_params(self.models.reference_model)
-            _, ref_bias = tempered(None, ref_bias, temperature)
-        loss = fused_token_loss(
-            tempered(hidden[mask], None, temperature)[0],
-            weight,
-            r.completion_ids[rows][mask],
-            loss_fn,
-            ref_hidden=ref_hidden,
-            ref_weight=ref_weight,
-            divergence=reg.divergence if exact_in_loss else None,
-            chunk_size=self.cfg.kl.chunk_size,
-            policy_bias=bias,
-            ref_bias=ref_bias,
-        )
+
+        def head_loss(policy_hidden: Tensor) -> Tensor:  # reads the lm_head weights
+            weight, bias = lm_head_params(policy)
+            _, bias = tempered(None, bias, temperature)
+            ref_hidden = ref_weight = ref_bias = None
+            if exact_in_loss:
+                ref_hidden = tempered(r.ref_hidden[rows][mask], None, temperature)[0]
+                with self.models.reference_context():
+                    ref_weight, ref_bias = lm_head_params(self.models.reference_model)
+                _, ref_bias = tempered(None, ref_bias, temperature)
+            return fused_token_loss(
+                tempered(policy_hidden, None, temperature)[0],
+                weight,
+                r.completion_ids[rows][mask],
+                loss_fn,
+                ref_hidden=ref_hidden,
+                ref_weight=ref_weight,
+                divergence=reg.divergence if exact_in_loss else None,
+                chunk_size=self.cfg.kl.chunk_size,
+                policy_bias=bias,
+                ref_bias=ref_bias,
+            )
+
+        loss = self._head_call(hidden[mask], head_loss)
         extra = self.algorithm.hidden_loss(hidden, batch, rows, num_tokens)
         return loss if extra is None else loss + extra
+
+    def _no_token_hidden_loss(
+        self, hidden: Tensor, batch: TrainBatch, rows: Tensor, num_tokens: int
+    ) -> Tensor | float:
+        """The algorithm's hidden-state loss (PPO's value loss) over no valid token: exactly 0,
+        its gradient and metrics exactly 0, but its modules run forward and backward as on the
+        processes whose micro-batch has tokens. DeepSpeed reduces (ZeRO-3 also gathers) the
+        value head's parameters with the policy's; a process that skipped them crashed the run
+        ("Received data size doesn't match expected size" from gloo)."""
+        r = batch.rollout
+        none = dataclasses.replace(r, completion_mask=torch.zeros_like(r.completion_mask))
+        masked = dataclasses.replace(batch, rollout=none)
+        extra = self.algorithm.hidden_loss(hidden, masked, rows, num_tokens)
+        return 0.0 if extra is None else extra
+
+    def _head_call(self, hidden: Tensor, fn) -> Tensor:
+        """``fn(hidden)``, where ``fn`` may read the lm_head weights: under ZeRO-3 inside the
+        engine's :class:`~kltrain.training.deepspeed_engine.LmHeadCall`, which gathers them."""
+        return fn(hidden) if self.zero is None else self.zero.head_call(hidden, fn)
 
     def _log_importance_ratio(self, log_w: Tensor, sums: dict, num_tokens: int) -> None:
         """w_t = π_θ/π_old at the chunk's tokens [n]: its token mean (summed like the other
@@ -732,10 +777,13 @@ class Trainer:
         the optimizer): stop before they are sampled from or saved. Cheap: one fp32 sum per
         tensor (a NaN or ±inf anywhere makes it non-finite; no weight is large enough to overflow
         an fp32 sum), one device sync; the per-element search runs only on failure."""
-        local = [fsdp.local(p.detach()) for p in self.params]  # sharded: this process's part
+        if self.zero is not None:  # ZeRO-3: this process's partition
+            local = self.zero.local_weights(self.params)
+        else:  # sharded: this process's part
+            local = [fsdp.local(p.detach()) for p in self.params]
         sums = torch.stack([p.sum(dtype=torch.float32) for p in local])
         finite = bool(sums.isfinite().all())
-        if self.engine == "fsdp2":  # every process must take the same branch
+        if self.engine in ("fsdp2", deepspeed_engine.ENGINE_ZERO3):  # the same branch everywhere
             finite = self._sum_across(0.0 if finite else 1.0) == 0.0
         if finite:
             return
@@ -776,6 +824,9 @@ class Trainer:
         model_state = staging = None
         if self.engine == "fsdp2":  # a collective: the full weights, gathered to process 0
             model_state = fsdp.full_state_dict(self.models.policy)
+        elif self.zero is not None and self.zero.stage == 3:  # likewise
+            main = self.accelerator.is_main_process
+            model_state = self.zero.full_state_dict(self.models.policy, main)
         modules = self._algorithm_modules(saving=True)
         if self.engine in SHARDING_ENGINES:
             staging = self._stage_optimizer_state(captured["step"])
@@ -804,6 +855,15 @@ class Trainer:
             optimizer_staging=staging,
         )
 
+    def _local_state(self) -> dict[str, Any]:
+        """This process's optimizer state: of its shards (FSDP2: DTensor locals; ZeRO: its flat
+        partition's AdamW state)."""
+        if self.engine == "fsdp2":
+            return fsdp.local_optimizer_state(self.optimizer)
+        if self.zero is not None:
+            return self.zero.optimizer_state(self.optimizer)
+        return self.optimizer.state_dict()
+
     def _stage_optimizer_state(self, step: int) -> Path:
         """Each process writes the optimizer state of its own shards (FSDP2: DTensor locals;
         ZeRO: its flat partition's AdamW state) into a staging folder that process 0 moves into
@@ -814,11 +874,7 @@ class Trainer:
         if acc.is_main_process:
             checkpoint.prepare_staging(staging)
         acc.wait_for_everyone()
-        if self.engine == "fsdp2":
-            state = fsdp.local_optimizer_state(self.optimizer)
-        else:
-            state = self.optimizer.state_dict()
-        error = checkpoint.write_process_state(staging, acc.process_index, state)
+        error = checkpoint.write_process_state(staging, acc.process_index, self._local_state())
         errors = [e for e in gather_object([(acc.process_index, error)]) if e[1] is not None]
         if errors:  # every process stops the same way; the previous checkpoint stays
             acc.wait_for_everyone()
@@ -863,7 +919,9 @@ class Trainer:
             optimizer_state = checkpoint.load_tensors(path / "optimizer.pt")
         if self.engine == "fsdp2":
             fsdp.load_local_optimizer_state(self.optimizer, optimizer_state)
-        else:  # ZeRO-2: its AdamW over this process's flat partition
+        elif self.zero is not None:  # its AdamW over this process's flat partition
+            self.zero.load_optimizer_state(self.optimizer, optimizer_state)
+        else:
             self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(checkpoint.load_tensors(path / "scheduler.pt"))
         self.sampler.load_state_dict(state["sampler"])
@@ -936,10 +994,13 @@ class Trainer:
         raise preemption.Preempted(signum, step, str(where), requeued)
 
     def save_final(self) -> None:
+        main = self.accelerator.is_main_process
         weights = fsdp.full_state_dict(self.models.policy) if self.engine == "fsdp2" else None
+        if self.zero is not None and self.zero.stage == 3:  # a collective
+            weights = self.zero.full_state_dict(self.models.policy, main)
         saved = self._algorithm_modules(saving=True)
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        if main:
             final = self.output_dir / "final"
             given = {} if weights is None else {"state_dict": weights}
             self.models.policy.save_pretrained(final, safe_serialization=True, **given)

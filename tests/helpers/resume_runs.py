@@ -241,6 +241,17 @@ ZERO2_ENV = {
 }
 
 
+#: The same for ``configs/accelerate/deepspeed_zero3.yaml``: ZeRO-3 (parameters partitioned
+#: too), no ``deepspeed.zero.Init`` at load, no 16-bit weights on save, fp32.
+ZERO3_ENV = {
+    **ZERO2_ENV,
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+    "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "false",
+    "ACCELERATE_CONFIG_DS_FIELDS": ZERO2_ENV["ACCELERATE_CONFIG_DS_FIELDS"]
+    + ",zero3_save_16bit_model",
+}
+
+
 def run_processes(
     argv: list[str],
     nproc: int,

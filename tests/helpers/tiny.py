@@ -43,8 +43,11 @@ def make_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     )
 
 
-def make_tiny_model_dir(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
-    """Save a tiny random Llama and its tokenizer as a normal transformers folder."""
+def make_tiny_model_dir(
+    path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, tied: bool = False
+) -> Path:
+    """Save a tiny random Llama and its tokenizer as a normal transformers folder; ``tied``: its
+    lm_head is its input embedding (as in the embedded smollm2-135m)."""
     tok = make_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -58,7 +61,7 @@ def make_tiny_model_dir(path: Path, seed: int = 0, hidden: int = 32, layers: int
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tok.eos_token_id

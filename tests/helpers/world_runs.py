@@ -18,6 +18,7 @@ import torch
 from accelerate.utils import gather_object
 
 from kltrain.config import load_config
+from kltrain.training.distributed import leave_process_group
 from kltrain.training.trainer import Trainer
 
 
@@ -65,6 +66,7 @@ def main(spec_path: str) -> None:
         _record_token_ids(trainer)
         _record_module_shards(trainer)
         trainer.fit()
+    leave_process_group()
 
 
 if __name__ == "__main__":

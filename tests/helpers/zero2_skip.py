@@ -1,8 +1,8 @@
-"""One process of a torchrun launch (with ``ZERO2_ENV``) for the DeepSpeed ZeRO-2 skip test in
-``tests/test_world_size.py``: a 3-step run whose step-2 loss is NaN with a finite gradient (a NaN
-added as a constant) and whose step-3 loss and gradient are NaN (the loss times NaN). Process 0
-writes ``{step: whether the weights changed in that step's update}`` to ``moved.json`` in the run
-folder. ``python -m tests.helpers.zero2_skip CONFIG``."""
+"""One process of a torchrun launch (with ``ZERO2_ENV`` or ``ZERO3_ENV``) for the DeepSpeed
+skip test in ``tests/test_world_size.py``: a 3-step run whose step-2 loss is NaN with a finite
+gradient (a NaN added as a constant) and whose step-3 loss and gradient are NaN (the loss times
+NaN). Process 0 writes ``{step: whether its part of the weights changed in that step's update}``
+to ``moved.json`` in the run folder. ``python -m tests.helpers.zero2_skip CONFIG``."""
 
 from __future__ import annotations
 
@@ -28,9 +28,12 @@ def main(config: str) -> None:
         return out * float("nan") if step == 3 else out
 
     def optimise(self, batch, step):
-        before = [p.detach().clone() for p in self.params]
+        # this process's part of each weight (ZeRO-3: its partition; outside a forward the
+        # parameters themselves hold no elements)
+        before = [t.clone() for t in self.zero.local_weights(self.params)]
         out = original_optimise(self, batch, step)
-        moved[step] = any(not torch.equal(a, p) for a, p in zip(before, self.params, strict=True))
+        after = self.zero.local_weights(self.params)
+        moved[step] = any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
         return out
 
     Trainer._micro_batch_loss, Trainer.optimise = loss, optimise

@@ -89,7 +89,7 @@ class Fdpg(Algorithm):
         self.diagnosed = self._diagnosed_divergences()
         self.offline = self.settings.proposal == "offline"
         self.proposal: torch.nn.Module | None = None  # the frozen q (offline, once set up)
-        self._policy: torch.nn.Module | None = None
+        self._policy_state: Callable[[], dict[str, Tensor]] | None = None  # q ← π reads it
         self.proposal_updates = 0
         self.global_mean: Callable[[Tensor], float] = lambda v: float(v.double().mean())
         #: all processes' rows of a tensor, concatenated in process order (identity on 1)
@@ -104,18 +104,21 @@ class Fdpg(Algorithm):
         mean: Callable[[Tensor], float] | None = None,
         gather: Callable[[Tensor], Tensor] | None = None,
         process_index: int = 0,
+        policy_state: Callable[[], dict[str, Tensor]] | None = None,
     ) -> None:
         """Offline proposal: q = a frozen copy of the (already placed) policy. ``mean`` averages
         a [B] tensor over every process's samples, so all processes take the same decision.
         ``gather`` concatenates every process's rows ([B] or [B, T], padded) in process order:
         each process then computes Z, λ, the advantages and every metric on the whole step's
-        samples (identical everywhere) and keeps its own rows ``process_index·B …``."""
+        samples (identical everywhere) and keeps its own rows ``process_index·B …``.
+        ``policy_state``: how q ← π reads the policy's weights (every process takes the same
+        decision, so all enter it where it is a collective)."""
         if mean is not None:
             self.global_mean = mean
         if gather is not None:
             self.gather, self.gathers, self.process_index = gather, True, process_index
         if self.offline:
-            self._policy = models.policy
+            self._policy_state = policy_state or models.policy.state_dict
             self.proposal = copy.deepcopy(models.policy).eval().requires_grad_(False)
 
     def sampling_model(self, models) -> torch.nn.Module:
@@ -273,7 +276,7 @@ class Fdpg(Algorithm):
         if d_policy < d_proposal:
             self.proposal_updates += 1
             if self.proposal is not None:
-                self.proposal.load_state_dict(self._policy.state_dict())
+                self.proposal.load_state_dict(self._policy_state())
         return {
             "fdpg/proposal_updates": float(self.proposal_updates),
             "fdpg/proposal_divergence": d_proposal,
