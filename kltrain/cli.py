@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from kltrain import __version__
 from kltrain.config import ConfigError, load_config, to_yaml
+from kltrain.host_memory import keep_freed_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +112,7 @@ EXIT_STOPPED = 3
 
 def main(argv: list[str] | None = None) -> int:
     _cwd_importable()
+    keep_freed_memory()  # before the models load: large blocks are then reused, not re-faulted
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides after an option (`fit cfg --resume PATH k=v`) land here

@@ -1,0 +1,51 @@
+"""Keep the host memory torch frees for reuse, instead of returning it to the OS.
+
+glibc's malloc serves large blocks (above a threshold that grows to 32 MiB; every [vocab, hidden]
+buffer of a real model is larger) with fresh ``mmap`` pages and unmaps them when freed, and trims
+the top of its heap once 128 KiB are free there. A training step allocates and frees the same
+large tensors over and over (activations, logits chunks, the lm_head gradient of every
+micro-batch), so each allocation pays a page fault per 4 KiB page on first touch: measured on 2
+CPU cores (smollm2-135m, kltrain GRPO at ``scripts/bench_step.py``'s sizes), 0.3 s to zero one
+[49152, 576] fp32 gradient buffer, and the update phase 28% slower than with the memory kept.
+
+:func:`keep_freed_memory` turns mmap off for malloc (every block comes from the heap, where freed
+blocks are reused) and raises the trim threshold, through ``mallopt`` at run time. The process's
+peak resident memory is then its peak of live tensors plus fragmentation (measured: +0.1 GB of
+4 GB). It changes nothing where the process does not use glibc's malloc, and leaves the
+allocator alone when the user tuned it (any ``MALLOC_*`` variable, or a preloaded allocator
+such as tcmalloc or jemalloc, which cache large blocks themselves).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+#: glibc's mallopt parameter numbers (malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+#: mallopt takes an int: keep up to 2 GiB free at the heap's top.
+TRIM_THRESHOLD = 2**31 - 1
+
+
+def user_tuned(environ: dict[str, str] | os._Environ = os.environ) -> bool:
+    """Whether the allocator was configured by the user (then it is left as it is)."""
+    preload = environ.get("LD_PRELOAD", "")
+    return any(k.startswith("MALLOC_") for k in environ) or "malloc" in preload
+
+
+def keep_freed_memory() -> bool:
+    """Apply the settings above to this process's glibc malloc; returns whether it did (False:
+    not glibc, or tuned by the user). Call it early, before large allocations."""
+    if user_tuned():
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
