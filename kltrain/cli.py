@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from kltrain import __version__
 from kltrain.config import ConfigError, load_config, to_yaml
-from kltrain.host_memory import keep_freed_memory
+from kltrain.training.host_memory import keep_freed_memory
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -165,7 +165,7 @@ def _time_passes(phases: dict[str, float]):
 
 
 def run_kltrain(name: str, steps: int, workdir: Path) -> dict:
-    from kltrain.host_memory import keep_freed_memory
+    from kltrain.training.host_memory import keep_freed_memory
 
     keep_freed_memory()  # as `kltrain fit` does at start-up (TRL's side keeps glibc's default)
     import torch

@@ -1,5 +1,5 @@
-"""kltrain/host_memory.py: freed large blocks are reused (no page fault per page on the next
-allocation), and a user's own allocator settings are left alone."""
+"""kltrain/training/host_memory.py: freed large blocks are reused (no page fault per page on
+the next allocation), and a user's own allocator settings are left alone."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from kltrain.host_memory import user_tuned
+from kltrain.training.host_memory import user_tuned
 
 #: In a fresh process (with or without the call), 8 cycles of allocating two 64 MiB tensors
 #: (16384 pages of 4 KiB each), touching and freeing them; print each cycle's minor page faults.
 PROBE = """
 import resource, sys, torch
 if sys.argv[1] == "keep":
-    from kltrain.host_memory import keep_freed_memory
+    from kltrain.training.host_memory import keep_freed_memory
     assert keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -376,6 +376,22 @@ def test_fsdp2_shards_a_separate_value_model_like_the_policy(runs):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize(("tag", "sharded"), [("w2", False), ("fsdp2", True), ("zero3", True)])
+def test_a_separate_reference_is_sharded_under_fsdp2_and_zero3(runs, tag, sharded):
+    """The frozen reference is not replicated where the engine shards parameters: each process
+    holds about half of it (padding aside; ZeRO-3 keeps parameters of at most 10 × hidden
+    elements whole, the norms); under DDP each holds all of it."""
+    shares = json.loads((runs / f"rloo_exact-{tag}" / "modules.json").read_text())
+    assert len(shares) == 2
+    for share in shares:
+        reference = share["reference"]
+        if sharded:
+            assert reference["local"] < 0.6 * reference["full"], reference
+        else:
+            assert reference["local"] == reference["full"], reference
+
+
+@pytest.mark.multiprocess
 def test_accumulation_times_world_size_gives_the_same_update(runs):
     """1 × 1 (one micro-batch), 1 × 4, 2 × 2 and 4 × 1 (processes × micro-batches)."""
     initial = load_file(str(runs / "model" / "model.safetensors"))
@@ -426,6 +442,34 @@ def test_reduced_metrics_over_uneven_processes_equal_the_global_statistic(of, re
     assert finish(reduced.kind, reduced.parts) == pytest.approx(expected, rel=1e-12, abs=1e-12)
     # one process's own value (the loop logged process 0's before) is not the global statistic
     assert finish(reduced.kind, of(per_process[2]).parts) != pytest.approx(expected, rel=1e-6)
+
+
+def test_gradient_sums_go_in_buckets_and_count_a_missing_gradient_as_zero(monkeypatch):
+    """all_reduce_gradients on 2 processes holding the same gradients (the collective, a SUM,
+    doubles them here): every gradient summed, a missing one as zeros, each flattened copy at
+    most one bucket (a larger parameter alone), the parameters in order."""
+    from types import SimpleNamespace
+
+    from kltrain.training import distributed
+
+    sizes = []
+
+    def fake_sum(flat, op):
+        sizes.append(flat.numel())
+        flat.mul_(2)
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", fake_sum)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (3, 4, 9, 2, 2)]
+    params.append(torch.nn.Parameter(torch.randn(2, dtype=torch.float64, generator=g)))
+    for p in params:
+        p.grad = torch.randn(p.shape, dtype=p.dtype, generator=g)
+    params[1].grad = None
+    want = [torch.zeros_like(p) if p.grad is None else 2 * p.grad for p in params]
+    distributed.all_reduce_gradients(SimpleNamespace(num_processes=2), params, bucket=8)
+    for p, w in zip(params, want, strict=True):
+        assert torch.equal(p.grad, w)
+    assert sizes == [7, 9, 4, 2]  # fp32 [3, 4] | [9] | [2, 2], then fp64 [2]
 
 
 def test_empty_everywhere_finishes_as_zero():

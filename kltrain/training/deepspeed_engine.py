@@ -55,10 +55,14 @@ forward/backward such a parameter holds 0 elements. What kltrain does about it:
   per-module hooks removed so that no forward gathers or releases anything, hooks re-registered
   and the parameters partitioned again on exit). Peak memory there is a full copy of the
   weights, as DDP holds all the time. Generation never uses ``synced_gpus``.
-- The reference is NOT partitioned: a separate reference model is kept whole (frozen, no
-  gradient, no optimizer state) on every process, as under ZeRO-2; with LoRA one model serves
-  both roles (adapters disabled). Partitioning it (DeepSpeed inference / a second ZeRO-3 engine
-  without optimizer) is not built.
+- A separate reference is partitioned with the policy: it is a frozen submodule of the engine's
+  module (:class:`TrainedModules`, no gradient, no optimizer state), so ZeRO-3 splits it like
+  the rest; the scoring passes read it inside :meth:`ZeroEngine.gathered`, and the exact
+  divergence in the loss reads its lm_head inside :class:`LmHeadCall` (registered as an
+  external parameter, as the policy's). With LoRA one model serves both roles (adapters
+  disabled). Under ZeRO-2 the reference stays whole (ZeRO-2 does not partition parameters).
+  f-DPG's offline proposal stays whole on every process (its replacement by the policy loads
+  the gathered policy weights into it).
 - Weight prefetching is off (``stage3_prefetch_bucket_size: 0``; a file that sets another value
   is refused): DeepSpeed prefetches along the module order it traced, and one process whose
   trace diverged (a module run on one process and not on another) would stop prefetching while
@@ -276,12 +280,20 @@ class TrainedModules(torch.nn.Module):
     """The one module the engine wraps: the policy's training forward (its ``forward``), the
     algorithm's trainable modules (e.g. PPO's value head, applied to the hidden states outside
     it) and :class:`LmHeadCall`. DeepSpeed names every parameter it partitions from the wrapped
-    module, so a parameter of the optimizer outside it is refused."""
+    module, so a parameter of the optimizer outside it is refused. ``frozen``: models that are
+    never trained but partitioned with the rest under ZeRO-3 (a separate reference), read only
+    on gathered weights or, for their lm_head, inside :class:`LmHeadCall`."""
 
-    def __init__(self, hidden: torch.nn.Module, modules: dict[str, torch.nn.Module]):
+    def __init__(
+        self,
+        hidden: torch.nn.Module,
+        modules: dict[str, torch.nn.Module],
+        frozen: dict[str, torch.nn.Module] | None = None,
+    ):
         super().__init__()
         self.hidden = hidden
         self.algorithm_modules = torch.nn.ModuleDict(modules)
+        self.frozen = torch.nn.ModuleDict(frozen or {})
         self.lm_head_call = LmHeadCall()
 
     def forward(self, *args, **kwargs) -> Tensor:

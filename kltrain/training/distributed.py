@@ -266,19 +266,37 @@ def sync_context(model: torch.nn.Module, sync: bool) -> AbstractContextManager:
     return model.no_sync()
 
 
-def all_reduce_gradients(acc: Accelerator, params: list[torch.nn.Parameter]) -> None:
-    """SUM the gradients of ``params`` (trainable modules outside the engine-wrapped policy,
-    e.g. PPO's value head) across processes in one flattened collective per dtype; a missing
-    gradient counts as zero (every process must contribute the same shapes)."""
+#: Elements per flattened all-reduce of :func:`all_reduce_gradients` (DDP's default bucket is
+#: 25 MiB; this is 100 MiB of fp32): the copy made to flatten never exceeds one bucket.
+BUCKET_ELEMENTS = 25 * 2**20
+
+
+def all_reduce_gradients(
+    acc: Accelerator, params: list[torch.nn.Parameter], bucket: int = BUCKET_ELEMENTS
+) -> None:
+    """SUM the gradients of ``params`` (trainable modules outside the engine-wrapped policy:
+    PPO's value head, or under DDP its separate value model) across processes, in flattened
+    collectives of at most ``bucket`` elements per dtype (a larger parameter alone); a missing
+    gradient counts as zero (every process must contribute the same shapes, in order)."""
     if acc.num_processes == 1 or not params:
         return
     for dtype in sorted({p.dtype for p in params}, key=str):
-        group = [p for p in params if p.dtype == dtype]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        for p, piece in zip(group, flat.split([g.numel() for g in grads]), strict=True):
-            p.grad = piece.view_as(p).clone()
+        group, size = [], 0
+        for p in [p for p in params if p.dtype == dtype]:
+            if group and size + p.numel() > bucket:
+                _all_reduce_flat(group)
+                group, size = [], 0
+            group.append(p)
+            size += p.numel()
+        _all_reduce_flat(group)
+
+
+def _all_reduce_flat(group: list[torch.nn.Parameter]) -> None:
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    for p, piece in zip(group, flat.split([g.numel() for g in grads]), strict=True):
+        p.grad = piece.view_as(p).clone()
 
 
 def gather_rows(acc: Accelerator, t: Tensor) -> Tensor:

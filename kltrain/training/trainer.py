@@ -10,16 +10,18 @@ Resuming (``trainer.resume`` / ``kltrain fit --resume``) rebuilds everything fro
 loads a checkpoint over it (:meth:`Trainer._restore`): the run continues bit for bit. SIGTERM and
 SIGUSR1 stop the run at the next safe point with a complete checkpoint
 (:mod:`kltrain.training.preemption`).
+
+:class:`Trainer` is this file plus three parts kept apart: the update phase
+(:mod:`~kltrain.training.trainer_update`), what depends on the engine
+(:mod:`~kltrain.training.trainer_engine`) and saving/restoring
+(:mod:`~kltrain.training.trainer_checkpoints`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import secrets
-import shutil
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -29,13 +31,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
-from safetensors.torch import save_file
+from accelerate.utils import broadcast_object_list, set_seed
 from torch import Tensor
 from transformers import get_scheduler
 
-from kltrain.algorithms import TrainBatch, make_algorithm
-from kltrain.config import ConfigError, RunConfig, prompts_per_process, to_yaml
+from kltrain.algorithms import make_algorithm
+from kltrain.config import ConfigError, RunConfig, prompts_per_process
 from kltrain.data import (
     PromptSampler,
     load_prompts,
@@ -44,25 +45,19 @@ from kltrain.data import (
     split_heldout,
 )
 from kltrain.divergence.functions import get_divergence
-from kltrain.divergence.lm_head import TokenChunk, fused_token_loss
 from kltrain.evaluation import evaluate_policy, training_eval_data
 from kltrain.models.loading import Models, load_models, refuse_fp16_on_cpu
-from kltrain.models.logits import lm_head_params
 from kltrain.models.sampling import sample_seed
 from kltrain.objective import LOGGED_DIVERGENCES, build_regulariser, optimizer_steps_per_batch
 from kltrain.prompt_length import count_truncated, screen_long_prompts
 from kltrain.rewards import RewardFunction
 from kltrain.rl.coef import make_coef
-from kltrain.rl.reduction import max_of
-from kltrain.rollout import Rollout, completion_hidden, measure, sample_rollout, tempered
+from kltrain.rollout import Rollout, measure, sample_rollout
 from kltrain.training import checkpoint, deepspeed_engine, distributed, fsdp, preemption, run_folder
 from kltrain.training.tracking import RunLogger, StepResult
-
-#: Engines whose optimizer state is sharded over the processes: checkpointed per process.
-SHARDING_ENGINES = frozenset({"fsdp2", *deepspeed_engine.ENGINES.values()})
-#: Per-token statistics summed inside the lm_head kernel over this process's tokens (each
-#: already divided by the global token count), so the processes' sums add up to the global value.
-LOCAL_TOKEN_SUMS = ("clip_fraction", "approx_kl_old", "importance_ratio_mean")
+from kltrain.training.trainer_checkpoints import CheckpointMixin
+from kltrain.training.trainer_engine import EngineMixin
+from kltrain.training.trainer_update import UpdateMixin
 
 
 class TrainingStopped(RuntimeError):
@@ -95,7 +90,7 @@ class TrainerState:
         self.wandb_run_id = str(state["wandb_run_id"])
 
 
-class Trainer:
+class Trainer(UpdateMixin, EngineMixin, CheckpointMixin):
     """Build everything a config names, then ``fit()``.
 
     ``resume`` (default ``trainer.resume``): ``"auto"`` or a checkpoint/run folder to continue;
@@ -206,143 +201,6 @@ class Trainer:
         if acc.is_main_process:  # every check passed: only now is anything in the folder moved
             self._set_aside_abandoned(resume_from, restart=bool(resume) and not overwrite)
         acc.wait_for_everyone()
-
-    def _set_aside_abandoned(self, resume_from: Path | None, restart: bool) -> None:
-        """Keep, under ``abandoned/``, what a timeline this run does not continue left behind:
-        the checkpoints newer than the one resumed and ``final/`` (moved), and the logs that are
-        about to be cut back (copied); or, for a ``--resume`` restart of a run that never saved
-        a checkpoint, that run's files (moved)."""
-        out = self.output_dir
-        if resume_from is None:
-            moved = run_folder.leftover_files(out) if restart else []
-            copied, why = [], "restart-without-checkpoint"
-        else:
-            step = self.state.step
-            newer = [
-                p
-                for p in checkpoint.list_complete(out / "checkpoints")
-                if int(p.name.removeprefix(checkpoint.PREFIX)) > step
-            ]
-            if not newer:
-                return
-            moved = [*newer, out / "final"]
-            copied, why = [out / "metrics.jsonl", out / "samples.jsonl"], f"after-step-{step}"
-        dest = run_folder.set_aside(out, moved, copied, why)
-        if dest is not None:
-            names = ", ".join(p.name for p in moved if not p.exists())
-            print(f"kltrain: moved the abandoned timeline's {names} to {dest}", flush=True)
-
-    def _prepare_models(self) -> None:
-        """The policy's training forward goes through the engine (DDP: bucketed gradient SUM;
-        FSDP2: the policy and a separate reference sharded, gradients reduce-scattered as a SUM;
-        PPO's value model sharded like the policy, f-DPG's offline proposal like the reference);
-        the algorithm's replicated trainable modules (a value head) are reduced in one collective
-        per update."""
-        acc, settings = self.accelerator, None
-        if self.engine == "fsdp2":
-            settings = fsdp.Fsdp2Settings.from_accelerate(acc.mixed_precision)
-            if settings.param_dtype is not None and self.cfg.model.dtype != "fp32":
-                raise ConfigError(
-                    f"mixed_precision: {acc.mixed_precision} (Accelerate config) computes in it "
-                    f"over fp32 master weights; model.dtype is {self.cfg.model.dtype}: set "
-                    "model.dtype: fp32, or mixed_precision: no"
-                )
-        hidden = distributed.PolicyHidden(self.models.policy, completion_hidden)
-        self.zero: deepspeed_engine.ZeroEngine | None = None  # DeepSpeed: built with the optimizer
-        self.zero_requested = self.engine in deepspeed_engine.ENGINES.values()
-        self.policy_forward = (
-            hidden if self.zero_requested else distributed.prepare_policy(acc, hidden, settings)
-        )
-        self.reference_forward = None
-        if settings is not None and self.models.reference is not None:
-            self.reference_forward = distributed.PolicyHidden(
-                self.models.reference, completion_hidden
-            )
-            distributed.shard_and_init(self.reference_forward, settings, acc.device)
-        if settings is not None:  # PPO's separate value model: its trunk sharded like the policy
-            for module in self.algorithm.modules().values():
-                trunk = getattr(module, "trunk", None)
-                if trunk is not None:
-                    fsdp.shard(module, trunk, settings)
-        self.frozen_forwards = []  # f-DPG's offline proposal: sharded like the reference
-        if settings is not None:
-            for module in self.algorithm.frozen_modules().values():
-                frozen = distributed.PolicyHidden(module, completion_hidden)
-                distributed.shard_and_init(frozen, settings, acc.device)
-                self.frozen_forwards.append(frozen)
-
-    def _build_zero(self) -> None:
-        """DeepSpeed ZeRO-2/3 around the training forward and the AdamW (all param groups: the
-        algorithm's modules are partitioned and reduced with the policy); the scheduler keeps
-        driving that AdamW's param groups. ZeRO-3: the lm_head weights the loss reads (the
-        policy's; under LoRA the reference's, the same base weight) are gathered for it."""
-        cfg, acc = self.cfg, self.accelerator
-        settings = deepspeed_engine.ZeroSettings.from_accelerate(
-            acc.mixed_precision,
-            cfg.trainer.max_grad_norm,
-            cfg.trainer.micro_batch_size,
-            acc.num_processes,
-            cfg.model.dtype,
-            getattr(self.models.policy.config, "hidden_size", None),
-        )
-        root = deepspeed_engine.TrainedModules(self.policy_forward, self.algorithm.modules())
-        lm_head = list(lm_head_params(self.models.policy))
-        if self.models.reference is None:  # LoRA: the reference is the policy's base model
-            with self.models.reference_context():
-                lm_head += lm_head_params(self.models.reference_model)
-        self.zero = deepspeed_engine.ZeroEngine(
-            root, self.optimizer, settings, acc.num_processes, lm_head=lm_head
-        )
-        self.policy_forward = self.zero.engine
-
-    def _full_weights(self, blocks: bool = True) -> AbstractContextManager:
-        """Inside: the sharded models' full weights (FSDP2, ZeRO-3; all processes enter it); a
-        no-op for DDP, ZeRO-2 and one process."""
-        if self.zero is not None:
-            return self.zero.gathered()
-        roots = (self.policy_forward, self.reference_forward, *self.frozen_forwards)
-        return fsdp.gathered(*roots, blocks=blocks)
-
-    def _policy_state(self) -> dict[str, Tensor]:
-        """The policy's weights as a copy of it loads them (f-DPG's q ← π): under ZeRO-3
-        gathered whole (a collective), else the module's own state dict (FSDP2: its shards,
-        which the proposal, sharded alike, loads shard onto shard)."""
-        if self.zero is not None and self.zero.stage == 3:
-            with self.zero.full_parameters():
-                return {k: v.detach().clone() for k, v in self.models.policy.state_dict().items()}
-        return self.models.policy.state_dict()
-
-    def _param_groups(self) -> list[dict[str, Any]]:
-        """The policy's trainable parameters at ``trainer.learning_rate``, then the algorithm's
-        modules (e.g. PPO's value head) at the algorithm's own rate where it sets one."""
-        policy = [p for p in self.models.policy.parameters() if p.requires_grad]
-        groups: list[dict[str, Any]] = [{"params": policy}]
-        module_lr = self.algorithm.module_learning_rate
-        for module in self.algorithm.modules().values():
-            params = [p for p in module.parameters() if p.requires_grad]
-            groups.append(
-                {"params": params} if module_lr is None else {"params": params, "lr": module_lr}
-            )
-        return groups
-
-    def _algorithm_modules(self, saving: bool = False) -> dict[str, Any]:
-        """Everything the algorithm owns that a checkpoint holds: trainable and frozen. ``saving``
-        (every process calls it: a collective under FSDP2 and ZeRO-3, and only the main process's
-        result holds the gathered weights): under DeepSpeed the trainable ones as copies owning
-        their storage (ZeRO-2 made their parameters views into its flat buffer, which
-        safetensors refuses to write), under ZeRO-3 their gathered full weights; an
-        FSDP2-sharded one (PPO's value model, f-DPG's proposal) as its full state dict."""
-        trainable: dict[str, Any] = self.algorithm.modules()
-        if saving and self.zero is not None:
-            main = self.accelerator.is_main_process
-            trainable = self.zero.full_module_copies(trainable, main)
-        modules = {**trainable, **self.algorithm.frozen_modules()}
-        if saving and self.engine == "fsdp2":
-            modules = {
-                name: fsdp.full_module_state(m) if _has_sharded_params(m) else m
-                for name, m in modules.items()
-            }
-        return modules
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -526,218 +384,9 @@ class Trainer:
         return rewards, metrics
 
     # ------------------------------------------------------------------------------------------
-    def optimise(self, batch: TrainBatch, step: int) -> dict[str, float]:
-        """``algorithm.epochs`` passes over the batch, each split into ``num_minibatches``
-        shuffled minibatches; each minibatch is one optimizer step."""
-        algo = self.cfg.algorithm
-        sums: dict[str, float] = defaultdict(float)
-        skipped = 0
-        self._ratio_max = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
-        # a sharded reference's lm_head, read by the exact divergence in the loss: gathered once
-        with fsdp.gathered(self.reference_forward, blocks=False):
-            for rows, num_micro in self._minibatches(batch.rollout.num_sequences):
-                ok = self._optimizer_step(batch, rows, num_micro, sums, step)
-                skipped += 0 if ok else 1
-        passes = algo.epochs * algo.num_minibatches
-        for key in LOCAL_TOKEN_SUMS:  # this process's tokens only: add up the processes
-            sums[key] = self._sum_across(sums[key])
-        out = {f"train/{k}": v / passes for k, v in sums.items()}
-        for name, total in self.algorithm.pop_update_sums().items():
-            out[name] = self._sum_across(total) / passes
-        out["train/importance_ratio_max"] = self._max_across(self._ratio_max)
-        out["train/skipped"] = float(skipped)
-        out["train/skipped_total"] = float(self.state.skipped_steps)
-        out["train/applied"] = float(passes - skipped)
-        out["train/lr"] = self.scheduler.get_last_lr()[0]
-        if skipped < passes:  # the schedule (and β) advance only for a step that updated
-            self.scheduler.step()
-        return out
-
-    def _minibatches(self, num_sequences: int) -> list[tuple[Tensor, int]]:
-        """Each optimizer step's rows of this process's ``num_sequences`` and the number of
-        micro-batches every process runs for it. The step's sequences are split over the
-        *global* batch (one permutation of all processes' sequences per epoch, from the
-        minibatch generator, the same on every process), so every world size takes the same
-        minibatches; a process holding fewer of a minibatch's rows runs empty micro-batches to
-        keep the engine's collectives paired."""
-        algo, acc = self.cfg.algorithm, self.accelerator
-        rank, total = acc.process_index, num_sequences * acc.num_processes
-        size, micro = total // algo.num_minibatches, self.cfg.trainer.micro_batch_size
-        out = []
-        for _ in range(algo.epochs):
-            order = torch.arange(total)
-            if algo.num_minibatches > 1:
-                order = torch.randperm(total, generator=self.minibatch_generator)
-            for global_rows in order.split(size):
-                owner = global_rows // num_sequences  # contiguous shares: process r's rows
-                counts = torch.bincount(owner, minlength=acc.num_processes)
-                num_micro = max(1, -(-int(counts.max()) // micro))
-                out.append((global_rows[owner == rank] - rank * num_sequences, num_micro))
-        return out
-
-    def _optimizer_step(
-        self, batch: TrainBatch, rows: Tensor, num_micro: int, sums: dict, step: int
-    ) -> bool:
-        mask = batch.rollout.completion_mask[rows]
-        num_tokens = max(self._global_count(int(mask.sum())), 1)
-        loss_total = torch.zeros((), device=self.accelerator.device)
-        micro = self.cfg.trainer.micro_batch_size
-        starts = range(0, num_micro * micro, micro)
-        for start in starts:
-            if self.accelerator.num_processes == 1 and not mask[start : start + micro].any():
-                continue  # every sample invalid (reward.on_invalid: skip): no loss, no gradient
-            part = rows[start : start + micro]
-            with distributed.sync_context(self.policy_forward, sync=start == starts[-1]):
-                loss = self._micro_batch_loss(batch, part, num_tokens, sums)
-                if self.zero is None:
-                    loss.backward()
-                else:
-                    self.zero.backward(loss)
-            loss_total += loss.detach()
-        if self.zero is not None:  # DeepSpeed reduces, clips and steps (skips) in one call
-            loss_value = self._sum_across(loss_total)
-            grad_norm = self.zero.step(discard=not math.isfinite(loss_value))
-        else:
-            distributed.all_reduce_gradients(self.accelerator, self.module_params)
-            grad_norm = self._clip_gradients()
-            loss_value = self._sum_across(loss_total)
-        sums["loss"] += loss_value
-        sums["grad_norm"] += grad_norm
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        if finite:
-            if self.zero is None:
-                self.optimizer.step()
-            self._check_weights_finite(step)
-            self.state.consecutive_skips = 0
-        else:
-            self._record_skip(step, "loss" if not math.isfinite(loss_value) else "gradient norm")
-        self.optimizer.zero_grad(set_to_none=True)
-        return finite
-
-    def _micro_batch_loss(self, batch: TrainBatch, rows: Tensor, num_tokens: int, sums) -> Tensor:
-        """Σ over this micro-batch's valid tokens of the per-token loss, divided by the step's
-        global token count: micro-batching, accumulation and world size leave the sum unchanged."""
-        r, reg = batch.rollout, self.regulariser
-        policy = self.models.policy
-        if rows.numel() == 0:  # another process's share of the minibatch is larger: one masked
-            rows = torch.zeros(1, dtype=torch.long)  # row keeps the collectives paired
-            mask = torch.zeros(1, r.completion_mask.shape[1], dtype=torch.bool)
-        else:
-            mask = r.completion_mask[rows]
-        hidden = self.policy_forward(r.input_ids[rows], r.attention_mask[rows], r.prompt_length)
-        if not mask.any():  # the engine's collectives pair up only if every process backwards
-            loss = self._head_call(
-                hidden, lambda h: h.sum() * 0.0 + lm_head_params(policy)[0].sum() * 0.0
-            )
-            return loss + self._no_token_hidden_loss(hidden, batch, rows, num_tokens)
-        old = r.stats["logprobs"][rows][mask]
-        ref_lp = r.stats["ref_logprobs"][rows][mask]
-        adv = batch.advantages[rows][mask]
-        coef = self.coef.value
-        in_loss = self._regularised_in_loss()
-        exact_in_loss = reg.exact and in_loss
-
-        def loss_fn(chunk: TokenChunk) -> Tensor:
-            sl = chunk.index
-            per_token, stats = self.algorithm.token_loss(chunk.logprobs, old[sl], adv[sl])
-            if in_loss:
-                d = reg.loss_term(chunk.logprobs, ref_lp[sl], chunk.divergence, old[sl])
-                per_token = per_token + coef * d
-            # float64 tensors, no host sync per chunk: read once per step in optimise()
-            sums["clip_fraction"] += stats["clipped"].sum().double() / num_tokens
-            sums["approx_kl_old"] += stats["approx_kl"].sum().double() / num_tokens
-            self._log_importance_ratio(chunk.logprobs.detach() - old[sl], sums, num_tokens)
-            return per_token.sum() / num_tokens
-
-        temperature = self.cfg.generation.temperature  # train π^(1/T), the sampled distribution
-
-        def head_loss(policy_hidden: Tensor) -> Tensor:  # reads the lm_head weights
-            weight, bias = lm_head_params(policy)
-            _, bias = tempered(None, bias, temperature)
-            ref_hidden = ref_weight = ref_bias = None
-            if exact_in_loss:
-                ref_hidden = tempered(r.ref_hidden[rows][mask], None, temperature)[0]
-                with self.models.reference_context():
-                    ref_weight, ref_bias = lm_head_params(self.models.reference_model)
-                _, ref_bias = tempered(None, ref_bias, temperature)
-            return fused_token_loss(
-                tempered(policy_hidden, None, temperature)[0],
-                weight,
-                r.completion_ids[rows][mask],
-                loss_fn,
-                ref_hidden=ref_hidden,
-                ref_weight=ref_weight,
-                divergence=reg.divergence if exact_in_loss else None,
-                chunk_size=self.cfg.kl.chunk_size,
-                policy_bias=bias,
-                ref_bias=ref_bias,
-            )
-
-        loss = self._head_call(hidden[mask], head_loss)
-        extra = self.algorithm.hidden_loss(hidden, batch, rows, num_tokens)
-        return loss if extra is None else loss + extra
-
-    def _no_token_hidden_loss(
-        self, hidden: Tensor, batch: TrainBatch, rows: Tensor, num_tokens: int
-    ) -> Tensor | float:
-        """The algorithm's hidden-state loss (PPO's value loss) over no valid token: exactly 0,
-        its gradient and metrics exactly 0, but its modules run forward and backward as on the
-        processes whose micro-batch has tokens. DeepSpeed reduces (ZeRO-3 also gathers) the
-        value head's parameters with the policy's; a process that skipped them crashed the run
-        ("Received data size doesn't match expected size" from gloo)."""
-        r = batch.rollout
-        none = dataclasses.replace(r, completion_mask=torch.zeros_like(r.completion_mask))
-        masked = dataclasses.replace(batch, rollout=none)
-        extra = self.algorithm.hidden_loss(hidden, masked, rows, num_tokens)
-        return 0.0 if extra is None else extra
-
-    def _head_call(self, hidden: Tensor, fn) -> Tensor:
-        """``fn(hidden)``, where ``fn`` may read the lm_head weights: under ZeRO-3 inside the
-        engine's :class:`~kltrain.training.deepspeed_engine.LmHeadCall`, which gathers them."""
-        return fn(hidden) if self.zero is None else self.zero.head_call(hidden, fn)
-
-    def _log_importance_ratio(self, log_w: Tensor, sums: dict, num_tokens: int) -> None:
-        """w_t = π_θ/π_old at the chunk's tokens [n]: its token mean (summed like the other
-        token metrics) and its running max, so a run shows how far off-policy its updates went."""
-        w = torch.exp(log_w.double())  # tensors: read once per step, no host sync per chunk
-        sums["importance_ratio_mean"] += w.sum() / num_tokens
-        if w.numel():
-            self._ratio_max = torch.maximum(self._ratio_max, w.max())
-
-    def _regularised_in_loss(self) -> bool:
-        reg = self.regulariser
-        return self.algorithm.uses_regulariser and reg.in_loss and self.coef.value > 0
 
     # ------------------------------------------------------------------------------------------
     # Distributed helpers: the only process-aware code.
-    def _clip_gradients(self) -> float:
-        max_norm = self.cfg.trainer.max_grad_norm
-        grads = [p for p in self.params if p.grad is not None]
-        if not grads:
-            return 0.0
-        limit = max_norm if max_norm else float("inf")
-        if self.engine == "fsdp2":  # sharded gradients: the norm is reduced over processes
-            return fsdp.clip_gradients([p.grad for p in grads], limit)
-        return float(torch.nn.utils.clip_grad_norm_(grads, limit))
-
-    def _sum_across(self, value: Tensor | float) -> float:
-        t = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device)
-        return float(self.accelerator.reduce(t, reduction="sum"))
-
-    def _max_across(self, value: Tensor | float) -> float:
-        t = torch.as_tensor(value, dtype=torch.float64).reshape(1)
-        return distributed.reduce_metrics(self.accelerator, {"max": max_of(t)})["max"]
-
-    def _global_count(self, n: int) -> int:
-        return int(self._sum_across(float(n)))
-
-    def _mean(self, values: Tensor) -> float:
-        total = self._sum_across(values.double().sum())
-        return total / max(self._global_count(values.numel()), 1)
-
-    def _std(self, values: Tensor) -> float:
-        mean = self._mean(values)
-        return math.sqrt(max(self._mean((values.double() - mean) ** 2), 0.0))
 
     # ------------------------------------------------------------------------------------------
     def _trained_per_sequence(self, rollout: Rollout) -> float:
@@ -798,13 +447,6 @@ class Trainer:
             f"{self.cfg.model.dtype}); stopping without saving them ({self._checkpoint_note()})"
         )
 
-    def _checkpoint_note(self) -> str:
-        """What a stopped run leaves to resume from, stated truthfully."""
-        found = checkpoint.latest(self.output_dir / "checkpoints")
-        if found is None:
-            return "no checkpoint was written yet (trainer.save_every sets how often)"
-        return f"the last checkpoint, {found}, is intact"
-
     def _check_divergence_limit(self, step: int, value: float) -> None:
         limit = self.cfg.kl.max
         if limit is not None and value > limit:
@@ -814,160 +456,6 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------------------------------
-    def save_checkpoint(self, captured: dict[str, Any] | None = None) -> Path | None:
-        """Checkpoint the current state, or ``captured`` (from :meth:`_capture`) with the current
-        weights and optimizer when a step was abandoned before updating them."""
-        captured = captured or self._capture()
-        rng = [captured["rng"]]
-        if self.accelerator.num_processes > 1:
-            rng = gather_object(rng)
-        model_state = staging = None
-        if self.engine == "fsdp2":  # a collective: the full weights, gathered to process 0
-            model_state = fsdp.full_state_dict(self.models.policy)
-        elif self.zero is not None and self.zero.stage == 3:  # likewise
-            main = self.accelerator.is_main_process
-            model_state = self.zero.full_state_dict(self.models.policy, main)
-        modules = self._algorithm_modules(saving=True)
-        if self.engine in SHARDING_ENGINES:
-            staging = self._stage_optimizer_state(captured["step"])
-        self.accelerator.wait_for_everyone()
-        self._saved_step = captured["step"]
-        if not self.accelerator.is_main_process:
-            return None
-        extra = {"gradient_followed": self.regulariser.gradient.key}
-        states = {
-            **captured["states"],
-            "world_size": self.accelerator.num_processes,
-            "engine": self.engine,
-        }
-        return checkpoint.save(
-            self.output_dir / "checkpoints",
-            step=captured["step"],
-            model=self.models.policy,
-            modules=modules,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            states=states,
-            rng=rng,
-            config_text=to_yaml(self.cfg, extra),
-            keep_last=self.cfg.trainer.keep_last,
-            model_state=model_state,
-            optimizer_staging=staging,
-        )
-
-    def _local_state(self) -> dict[str, Any]:
-        """This process's optimizer state: of its shards (FSDP2: DTensor locals; ZeRO: its flat
-        partition's AdamW state)."""
-        if self.engine == "fsdp2":
-            return fsdp.local_optimizer_state(self.optimizer)
-        if self.zero is not None:
-            return self.zero.optimizer_state(self.optimizer)
-        return self.optimizer.state_dict()
-
-    def _stage_optimizer_state(self, step: int) -> Path:
-        """Each process writes the optimizer state of its own shards (FSDP2: DTensor locals;
-        ZeRO: its flat partition's AdamW state) into a staging folder that process 0 moves into
-        the checkpoint: no process's state passes through another's memory, as a gather to
-        process 0 would (for a 70B policy, its whole fp32 Adam state)."""
-        acc = self.accelerator
-        staging = checkpoint.staging_folder(self.output_dir / "checkpoints", step)
-        if acc.is_main_process:
-            checkpoint.prepare_staging(staging)
-        acc.wait_for_everyone()
-        error = checkpoint.write_process_state(staging, acc.process_index, self._local_state())
-        errors = [e for e in gather_object([(acc.process_index, error)]) if e[1] is not None]
-        if errors:  # every process stops the same way; the previous checkpoint stays
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                shutil.rmtree(staging, ignore_errors=True)
-            index, why = errors[0]
-            raise checkpoint.CheckpointError(
-                f"could not write process {index}'s optimizer state for the checkpoint of step "
-                f"{step} into {staging}: {why}; nothing was marked complete, the previous "
-                f"checkpoint is kept. Free space (or fix the folder's permissions) and rerun "
-                f"with --resume"
-            )
-        return staging
-
-    def _capture(self) -> dict[str, Any]:
-        """Everything but the weights and optimizer, as plain JSON-ready values; cheap enough to
-        take at the start of every step (so that a step can be abandoned)."""
-        return {
-            "step": self.state.step,
-            "states": {
-                "trainer": {
-                    **self.state.state_dict(),
-                    "minibatch_generator": checkpoint.encode_state(
-                        self.minibatch_generator.get_state()
-                    ),
-                },
-                "sampler": self.sampler.state_dict(),
-                "coef": self.coef.state_dict(),
-                "algorithm": self.algorithm.state_dict(),
-                "reward": self.reward_fn.state_dict(),
-            },
-            "rng": checkpoint.capture_rng(),
-        }
-
-    def _restore(self, path: Path) -> None:
-        """Load a complete checkpoint over the freshly built trainer (its weights are already
-        loaded: before sharding)."""
-        state = checkpoint.load_state(path)
-        if self.engine in SHARDING_ENGINES:  # this process's state, of its own shards
-            optimizer_state = checkpoint.load_process_state(path, self.accelerator.process_index)
-        else:
-            optimizer_state = checkpoint.load_tensors(path / "optimizer.pt")
-        if self.engine == "fsdp2":
-            fsdp.load_local_optimizer_state(self.optimizer, optimizer_state)
-        elif self.zero is not None:  # its AdamW over this process's flat partition
-            self.zero.load_optimizer_state(self.optimizer, optimizer_state)
-        else:
-            self.optimizer.load_state_dict(optimizer_state)
-        self.scheduler.load_state_dict(checkpoint.load_tensors(path / "scheduler.pt"))
-        self.sampler.load_state_dict(state["sampler"])
-        self.coef.load_state_dict(state["coef"])
-        self.algorithm.load_state_dict(state["algorithm"])
-        self.reward_fn.load_state_dict(state["reward"])
-        trainer_state = state["trainer"]
-        self.state.load_state_dict(trainer_state, step=int(state["step"]))
-        self.minibatch_generator.set_state(
-            checkpoint.decode_state(trainer_state["minibatch_generator"])
-        )
-        records = checkpoint.load_rng(path)
-        if self.accelerator.process_index < len(records):
-            checkpoint.restore_rng(records[self.accelerator.process_index])
-        self._saved_step = self.state.step
-        if self.accelerator.is_main_process:
-            print(f"kltrain: resumed from {path} (step {self.state.step})", flush=True)
-
-    def _check_config(self, path: Path, allow: bool) -> None:
-        state = checkpoint.load_state(path)
-        saved = checkpoint.load_config_dict(path) or {}
-        changes = checkpoint.config_changes(saved, self.cfg.model_dump(mode="json"))
-        world = state.get("world_size", 1)
-        if world != self.accelerator.num_processes:
-            changes.append(f"processes: {world} → {self.accelerator.num_processes}")
-        saved_engine = state.get("engine", "none" if world == 1 else "ddp")
-        sharded = SHARDING_ENGINES & {saved_engine, self.engine}
-        if sharded and (saved_engine, world) != (self.engine, self.accelerator.num_processes):
-            # the optimizer state is stored per process, of its shards: no resharding
-            raise checkpoint.CheckpointError(
-                f"{path} was written by {world} processes with engine {saved_engine}; this run "
-                f"is {self.accelerator.num_processes} with engine {self.engine}. An FSDP2 or "
-                "DeepSpeed checkpoint's optimizer state is per process: resume it with the same "
-                "engine and process count (its model/ folder holds the full weights for a new run)"
-            )
-        if not changes:
-            return
-        listing = "\n  ".join(changes)
-        if not allow:
-            raise checkpoint.CheckpointError(
-                f"resuming {path} with a config that changes the run:\n  {listing}\n"
-                f"restore these values, or pass --allow-config-change to continue anyway "
-                f"(the result is then not the run the checkpoint started)"
-            )
-        if self.accelerator.is_main_process:
-            print(f"kltrain: resuming with config changes (allowed):\n  {listing}", flush=True)
 
     # ------------------------------------------------------------------------------------------
     # Preemption
@@ -981,33 +469,6 @@ class Trainer:
     def _abandon_if_stopping(self) -> None:
         if self._stop_requested():
             raise _StepAbandoned
-
-    def _stop_for_signal(self, captured: dict[str, Any] | None = None) -> None:
-        """Write a complete checkpoint (unless this step's already exists), requeue under SLURM
-        after SIGUSR1, and raise :class:`preemption.Preempted`."""
-        step = captured["step"] if captured else self.state.step
-        if self._saved_step != step:
-            self.save_checkpoint(captured)
-        signum = self.watcher.signum or preemption.signal.SIGTERM
-        requeued = preemption.requeue(signum) if self.accelerator.is_main_process else None
-        where = self.output_dir / "checkpoints" / f"{checkpoint.PREFIX}{step:08d}"
-        raise preemption.Preempted(signum, step, str(where), requeued)
-
-    def save_final(self) -> None:
-        main = self.accelerator.is_main_process
-        weights = fsdp.full_state_dict(self.models.policy) if self.engine == "fsdp2" else None
-        if self.zero is not None and self.zero.stage == 3:  # a collective
-            weights = self.zero.full_state_dict(self.models.policy, main)
-        saved = self._algorithm_modules(saving=True)
-        self.accelerator.wait_for_everyone()
-        if main:
-            final = self.output_dir / "final"
-            given = {} if weights is None else {"state_dict": weights}
-            self.models.policy.save_pretrained(final, safe_serialization=True, **given)
-            self.models.tokenizer.save_pretrained(final)
-            for name in self.algorithm.modules():
-                state = saved[name] if isinstance(saved[name], dict) else saved[name].state_dict()
-                save_file(state, str(final / f"{name}.safetensors"))
 
 
 class _Clock:
@@ -1024,10 +485,6 @@ class _Clock:
 
     def total(self) -> float:
         return time.perf_counter() - self.start
-
-
-def _has_sharded_params(module: torch.nn.Module) -> bool:
-    return any(fsdp.is_sharded_param(p) for p in module.parameters())
 
 
 def _every(every: int, step: int) -> bool:

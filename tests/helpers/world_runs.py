@@ -44,14 +44,31 @@ def _record_token_ids(trainer: Trainer) -> None:
     trainer.make_rollout = make_rollout
 
 
+def _algorithm(trainer: Trainer):
+    return trainer.algorithm.modules().items()
+
+
+def _local(p) -> int:
+    """Elements this process holds: an FSDP2 DTensor's shard, a ZeRO-3 partition, else all."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor.numel()
+    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+
+
+def _full(p) -> int:
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+
 def _record_module_shards(trainer: Trainer) -> None:
-    """``modules.json``: per algorithm module, the elements this process holds of its trainable
-    parameters and their full count (a module the engine shards holds about 1/world of them)."""
+    """``modules.json``: per algorithm module (its trainable parameters) and for a separate
+    reference, the elements this process holds and their full count (a module the engine shards
+    holds about 1/world of them)."""
     shares = {}
-    for name, module in trainer.algorithm.modules().items():
-        params = [p for p in module.parameters() if p.requires_grad]
-        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
-        shares[name] = {"local": local, "full": sum(p.numel() for p in params)}
+    modules = {n: [p for p in m.parameters() if p.requires_grad] for n, m in _algorithm(trainer)}
+    if trainer.models.reference is not None:
+        modules["reference"] = list(trainer.models.reference.parameters())
+    for name, params in modules.items():
+        shares[name] = {"local": sum(map(_local, params)), "full": sum(map(_full, params))}
     shares = gather_object([shares]) if trainer.accelerator.num_processes > 1 else [shares]
     if trainer.accelerator.is_main_process:  # the run folder exists once fit() starts
         Path(trainer.output_dir).mkdir(parents=True, exist_ok=True)
