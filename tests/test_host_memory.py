@@ -10,7 +10,7 @@ import pytest
 
 from kltrain.training.host_memory import user_tuned
 
-#: In a fresh process (with or without the call), 8 cycles of allocating two 64 MiB tensors
+#: In a fresh process (with or without the call), 16 cycles of allocating two 64 MiB tensors
 #: (16384 pages of 4 KiB each), touching and freeing them; print each cycle's minor page faults.
 PROBE = """
 import resource, sys, torch
@@ -19,7 +19,7 @@ if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(8):
+for _ in range(16):
     before = faults()
     y = torch.ones(16 * 2**20); z = y * 2
     print(faults() - before)
@@ -39,11 +39,13 @@ def _faults_per_cycle(mode: str) -> list[int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_large_blocks_are_reused_instead_of_faulted_in_again():
     """glibc unmaps each freed 64 MiB block, and every cycle faults all its pages in again;
-    with the memory kept, once the heap has grown to the cycle's size (a few cycles) the
-    blocks are reused: the last three cycles fault in under 1% of a cycle's pages."""
+    with the memory kept the heap settles after a few cycles (how many varies with the
+    threads' timing: seen 2 to 6) and the blocks are reused: over the 15 cycles after the
+    first, at most half the default's faults (seen: 1–3 of 15 cycles' worth; a no-op gives
+    all 15)."""
     default, keep = _faults_per_cycle("default"), _faults_per_cycle("keep")
-    assert all(n >= PAGES for n in default[-3:]), default
-    assert sum(keep[-3:]) < PAGES // 100, keep
+    assert all(n >= PAGES for n in default[1:]), default
+    assert sum(keep[1:]) <= sum(default[1:]) // 2, keep
 
 
 @pytest.mark.parametrize(
