@@ -231,19 +231,25 @@ def test_causal_lm_as_reward_model_is_refused(tiny_model):
 # Tracebacks, silent acceptances and misleading messages --------------------------------------
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_model, tmp_path, monkeypatch):
+def _disk_full_for(monkeypatch, *markers: str) -> None:
+    """torch.save fails with ENOSPC for a path containing every one of ``markers``."""
     import errno
 
-    out = tmp_path / "run"
-    trainer = Trainer(cfg(tiny_model, out, trainer={"max_steps": 2, "save_every": 1}))
     real_save = torch.save
 
     def full_disk(obj, path, *args, **kwargs):
-        if "step-00000002" in str(path):
+        if all(m in str(path) for m in markers):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_disk)
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_model, tmp_path, monkeypatch):
+
+    out = tmp_path / "run"
+    trainer = Trainer(cfg(tiny_model, out, trainer={"max_steps": 2, "save_every": 1}))
+    _disk_full_for(monkeypatch, "step-00000002")
     with pytest.raises(checkpoint.CheckpointError, match=r"step 2.*No space left.*step-00000001"):
         trainer.fit()
     root = out / "checkpoints"
@@ -258,21 +264,13 @@ def test_disk_full_while_a_process_writes_its_optimizer_shard_keeps_the_previous
     (here one process, the engine's name set as FSDP2/ZeRO runs set it): a write that fails
     stops the save with the process and the reason, removes the staging folder and leaves the
     previous checkpoint, whose per-process state round-trips."""
-    import errno
 
     from kltrain.training import deepspeed_engine
 
     out = tmp_path / "run"
     trainer = Trainer(cfg(tiny_model, out, trainer={"max_steps": 2, "save_every": 1}))
     trainer.engine = deepspeed_engine.ENGINE  # the optimizer itself stays torch's AdamW
-    real_save = torch.save
-
-    def full_disk(obj, path, *args, **kwargs):
-        if "step-00000002" in str(path) and "process-00000" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", full_disk)
+    _disk_full_for(monkeypatch, "step-00000002", "process-00000")
     with pytest.raises(checkpoint.CheckpointError, match=r"process 0's optimizer.*step 2.*space"):
         trainer.fit()
     root = out / "checkpoints"

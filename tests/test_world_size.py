@@ -619,6 +619,44 @@ def _assert_one_optimizer_file_per_process(saved: Path, world: int) -> None:
     assert not list(saved.parent.glob(f"{checkpoint.STAGING_PREFIX}*"))
 
 
+def _assert_resumes_bit_exact_then_refused_on_ddp(
+    tmp_path: Path, raw: dict, config: Path, engine_args: tuple[str, ...], engine: str
+) -> None:
+    """The 2-step run of ``config`` in ``tmp_path/run`` (checkpoints at steps 1 and 2, a PPO
+    value head), resumed with ``engine_args`` from a copy of step 1's checkpoint, writes step 2's
+    checkpoint bit for bit (each process's optimizer file, scheduler, weights, value head); the
+    same checkpoint on 2 DDP processes is refused, naming both engines."""
+    from safetensors.torch import load_file as load
+
+    from tests.test_resume import assert_equal_nested
+
+    run = tmp_path / "run"
+    first, last = (run / "checkpoints" / f"step-{s:08d}" for s in (1, 2))
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(first, resumed / "checkpoints" / first.name)
+    for name in ("config.yaml", "metrics.jsonl", "samples.jsonl"):
+        shutil.copy(run / name, resumed / name)
+    raw = {**raw, "trainer": {**raw["trainer"], "output_dir": str(resumed)}}
+    config_resumed = tmp_path / "resumed.yaml"
+    config_resumed.write_text(yaml.safe_dump(raw))
+    checkpoint_1 = resumed / "checkpoints" / first.name
+    done = _kltrain_fit(config_resumed, *engine_args, "--resume", str(checkpoint_1))
+    assert done.returncode == 0, done.stderr[-4000:]
+    again = resumed / "checkpoints" / last.name
+    for name in ("optimizer/process-00000.pt", "optimizer/process-00001.pt", "scheduler.pt"):
+        assert_equal_nested(
+            checkpoint.load_tensors(last / name), checkpoint.load_tensors(again / name)
+        )
+    for sub in ("model/model.safetensors", "modules/value_head.safetensors"):
+        a, b = load(str(last / sub)), load(str(again / sub))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+
+    done = _kltrain_fit(config, "--resume", str(first))  # DDP
+    assert done.returncode != 0
+    assert f"with engine {engine}; this run is 2 with engine ddp" in done.stdout + done.stderr
+
+
 def _kltrain_fit(config: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": child_pythonpath(), "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "kltrain", "fit", str(config), "--num-processes", "2", *args]
@@ -636,8 +674,6 @@ def test_kltrain_fit_with_the_shipped_deepspeed_zero2_config_trains_saves_and_re
     both engines."""
     from safetensors.torch import load_file as load
 
-    from tests.test_resume import assert_equal_nested
-
     model = str(make_tiny_model_dir(tmp_path / "model"))
     raw = loop_config_raw(model, tmp_path / "run")
     raw["trainer"].update({"max_steps": 2, "save_every": 1, "keep_last": 2})
@@ -652,7 +688,7 @@ def test_kltrain_fit_with_the_shipped_deepspeed_zero2_config_trains_saves_and_re
     run = tmp_path / "run"
     recorded = yaml.safe_load((run / "config.yaml").read_text())
     assert (recorded["world_size"], recorded["engine"]) == (2, "deepspeed_zero2")
-    first, last = (run / "checkpoints" / f"step-{s:08d}" for s in (1, 2))
+    first = run / "checkpoints" / "step-00000001"
     state = checkpoint.load_state(first)
     assert (state["engine"], state["world_size"]) == ("deepspeed_zero2", 2)
     _assert_one_optimizer_file_per_process(first, 2)
@@ -666,30 +702,7 @@ def test_kltrain_fit_with_the_shipped_deepspeed_zero2_config_trains_saves_and_re
         sizes = [s["state"][group]["exp_avg"].numel() for s in per_process]
         assert all(n < total for n in sizes) and total <= sum(sizes) < total + 2 * 64, sizes
 
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    (resumed / "checkpoints").mkdir()
-    shutil.copytree(first, resumed / "checkpoints" / first.name)
-    for name in ("config.yaml", "metrics.jsonl", "samples.jsonl"):
-        shutil.copy(run / name, resumed / name)
-    raw["trainer"]["output_dir"] = str(resumed)
-    config_resumed = tmp_path / "resumed.yaml"
-    config_resumed.write_text(yaml.safe_dump(raw))
-    checkpoint_1 = resumed / "checkpoints" / first.name
-    done = _kltrain_fit(config_resumed, *zero2, "--resume", str(checkpoint_1))
-    assert done.returncode == 0, done.stderr[-4000:]
-    again = resumed / "checkpoints" / last.name
-    for name in ("optimizer/process-00000.pt", "optimizer/process-00001.pt", "scheduler.pt"):
-        assert_equal_nested(
-            checkpoint.load_tensors(last / name), checkpoint.load_tensors(again / name)
-        )
-    for sub in ("model/model.safetensors", "modules/value_head.safetensors"):
-        a, b = load(str(last / sub)), load(str(again / sub))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
-
-    done = _kltrain_fit(config, "--resume", str(first))  # DDP
-    assert done.returncode != 0
-    assert "with engine deepspeed_zero2; this run is 2 with engine ddp" in done.stdout + done.stderr
+    _assert_resumes_bit_exact_then_refused_on_ddp(tmp_path, raw, config, zero2, "deepspeed_zero2")
 
 
 @pytest.mark.multiprocess
@@ -708,8 +721,6 @@ def test_kltrain_fit_with_the_shipped_deepspeed_zero3_config_matches_one_process
     from safetensors.torch import load_file as load
     from transformers import AutoModelForCausalLM
 
-    from tests.test_resume import assert_equal_nested
-
     model_dir = make_tiny_model_dir(tmp_path / "model", tied=True)
     raw = loop_config_raw(str(model_dir), tmp_path / "run")
     raw["trainer"].update({"max_steps": 2, "save_every": 1, "keep_last": 2, "eval_every": 1})
@@ -727,7 +738,7 @@ def test_kltrain_fit_with_the_shipped_deepspeed_zero3_config_matches_one_process
     run = tmp_path / "run"
     recorded = yaml.safe_load((run / "config.yaml").read_text())
     assert (recorded["world_size"], recorded["engine"]) == (2, "deepspeed_zero3")
-    first, last = (run / "checkpoints" / f"step-{s:08d}" for s in (1, 2))
+    first = run / "checkpoints" / "step-00000001"
     assert checkpoint.load_state(first)["engine"] == "deepspeed_zero3"
     assert "eval/reward/mean" in _metrics(run)[0]
 
@@ -773,29 +784,7 @@ def test_kltrain_fit_with_the_shipped_deepspeed_zero3_config_matches_one_process
         sizes = [s["state"][group]["exp_avg"].numel() for s in per_process]
         assert all(n < total for n in sizes) and total <= sum(sizes) <= total + len(weights), sizes
 
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(first, resumed / "checkpoints" / first.name)
-    for name in ("config.yaml", "metrics.jsonl", "samples.jsonl"):
-        shutil.copy(run / name, resumed / name)
-    raw["trainer"]["output_dir"] = str(resumed)
-    config_resumed = tmp_path / "resumed.yaml"
-    config_resumed.write_text(yaml.safe_dump(raw))
-    checkpoint_1 = resumed / "checkpoints" / first.name
-    done = _kltrain_fit(config_resumed, *zero3, "--resume", str(checkpoint_1))
-    assert done.returncode == 0, done.stderr[-4000:]
-    again = resumed / "checkpoints" / last.name
-    for name in ("optimizer/process-00000.pt", "optimizer/process-00001.pt", "scheduler.pt"):
-        assert_equal_nested(
-            checkpoint.load_tensors(last / name), checkpoint.load_tensors(again / name)
-        )
-    for sub in ("model/model.safetensors", "modules/value_head.safetensors"):
-        a, b = load(str(last / sub)), load(str(again / sub))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
-
-    done = _kltrain_fit(config, "--resume", str(first))  # DDP
-    assert done.returncode != 0
-    assert "with engine deepspeed_zero3; this run is 2 with engine ddp" in done.stdout + done.stderr
+    _assert_resumes_bit_exact_then_refused_on_ddp(tmp_path, raw, config, zero3, "deepspeed_zero3")
 
 
 @pytest.mark.multiprocess
