@@ -594,10 +594,7 @@ def test_kltrain_fit_with_the_shipped_fsdp_config_runs_fsdp2(tmp_path):
     command = [sys.executable, "-m", "kltrain", "fit", str(config), "--num-processes", "2"]
     command += ["--accelerate-config", fsdp_file]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "kltrain: world_size 2 (engine fsdp2, backend gloo" in done.stdout
-    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert (recorded["world_size"], recorded["engine"]) == (2, "fsdp2")
+    _assert_ran_on_two_processes(done, tmp_path / "run", "fsdp2")
     saved = tmp_path / "run" / "checkpoints" / "step-00000001"
     state = checkpoint.load_state(saved)
     assert (state["engine"], state["world_size"]) == ("fsdp2", 2)
@@ -608,6 +605,15 @@ def test_kltrain_fit_with_the_shipped_fsdp_config_runs_fsdp2(tmp_path):
     assert final.keys() == initial.keys()  # full weights, not one process's shard
     assert all(final[k].shape == initial[k].shape for k in final)
     assert any(not torch.equal(final[k], initial[k]) for k in final)  # it trained
+
+
+def _assert_ran_on_two_processes(done: subprocess.CompletedProcess, run: Path, engine: str):
+    """A finished ``kltrain fit`` that said, and recorded in config.yaml, world size 2 and
+    ``engine``, in one gloo group."""
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"kltrain: world_size 2 (engine {engine}, backend gloo" in done.stdout
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert (recorded["world_size"], recorded["engine"]) == (2, engine)
 
 
 def _assert_one_optimizer_file_per_process(saved: Path, world: int) -> None:
@@ -683,11 +689,8 @@ def test_kltrain_fit_with_the_shipped_deepspeed_zero2_config_trains_saves_and_re
     config.write_text(yaml.safe_dump(raw))
     zero2 = ("--accelerate-config", str(ACCELERATE_CONFIGS / "deepspeed_zero2.yaml"))
     done = _kltrain_fit(config, *zero2)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "kltrain: world_size 2 (engine deepspeed_zero2, backend gloo" in done.stdout
     run = tmp_path / "run"
-    recorded = yaml.safe_load((run / "config.yaml").read_text())
-    assert (recorded["world_size"], recorded["engine"]) == (2, "deepspeed_zero2")
+    _assert_ran_on_two_processes(done, run, "deepspeed_zero2")
     first = run / "checkpoints" / "step-00000001"
     state = checkpoint.load_state(first)
     assert (state["engine"], state["world_size"]) == ("deepspeed_zero2", 2)
@@ -733,11 +736,8 @@ def test_kltrain_fit_with_the_shipped_deepspeed_zero3_config_matches_one_process
     config.write_text(yaml.safe_dump(raw))
     zero3 = ("--accelerate-config", str(ACCELERATE_CONFIGS / "deepspeed_zero3.yaml"))
     done = _kltrain_fit(config, *zero3)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "kltrain: world_size 2 (engine deepspeed_zero3, backend gloo" in done.stdout
     run = tmp_path / "run"
-    recorded = yaml.safe_load((run / "config.yaml").read_text())
-    assert (recorded["world_size"], recorded["engine"]) == (2, "deepspeed_zero3")
+    _assert_ran_on_two_processes(done, run, "deepspeed_zero3")
     first = run / "checkpoints" / "step-00000001"
     assert checkpoint.load_state(first)["engine"] == "deepspeed_zero3"
     assert "eval/reward/mean" in _metrics(run)[0]

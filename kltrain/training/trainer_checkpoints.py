@@ -54,12 +54,8 @@ class CheckpointMixin:
         rng = [captured["rng"]]
         if self.accelerator.num_processes > 1:
             rng = gather_object(rng)
-        model_state = staging = None
-        if self.engine == "fsdp2":  # a collective: the full weights, gathered to process 0
-            model_state = fsdp.full_state_dict(self.models.policy)
-        elif self.zero is not None and self.zero.stage == 3:  # likewise
-            main = self.accelerator.is_main_process
-            model_state = self.zero.full_state_dict(self.models.policy, main)
+        staging = None
+        model_state = self._gathered_policy_state()
         modules = self._algorithm_modules(saving=True)
         if self.engine in SHARDING_ENGINES:
             staging = self._stage_optimizer_state(captured["step"])
@@ -205,13 +201,10 @@ class CheckpointMixin:
         raise preemption.Preempted(signum, step, str(where), requeued)
 
     def save_final(self) -> None:
-        main = self.accelerator.is_main_process
-        weights = fsdp.full_state_dict(self.models.policy) if self.engine == "fsdp2" else None
-        if self.zero is not None and self.zero.stage == 3:  # a collective
-            weights = self.zero.full_state_dict(self.models.policy, main)
+        weights = self._gathered_policy_state()
         saved = self._algorithm_modules(saving=True)
         self.accelerator.wait_for_everyone()
-        if main:
+        if self.accelerator.is_main_process:
             final = self.output_dir / "final"
             given = {} if weights is None else {"state_dict": weights}
             self.models.policy.save_pretrained(final, safe_serialization=True, **given)

@@ -101,6 +101,16 @@ class EngineMixin:
         roots = (self.policy_forward, self.reference_forward, *self.frozen_forwards)
         return fsdp.gathered(*roots, blocks=blocks)
 
+    def _gathered_policy_state(self) -> dict[str, Tensor] | None:
+        """The policy's full weights on process 0 for a checkpoint or ``final/`` where they are
+        sharded (FSDP2, ZeRO-3: a collective, every process calls it; empty or None elsewhere);
+        None where the module's own state dict holds them."""
+        if self.engine == "fsdp2":
+            return fsdp.full_state_dict(self.models.policy)
+        if self.zero is not None and self.zero.stage == 3:
+            return self.zero.full_state_dict(self.models.policy, self.accelerator.is_main_process)
+        return None
+
     def _policy_state(self) -> dict[str, Tensor]:
         """The policy's weights as a copy of it loads them (f-DPG's q ← π): under ZeRO-3
         gathered whole (a collective), else the module's own state dict (FSDP2: its shards,
