@@ -15,15 +15,16 @@ import os
 import sys
 from pathlib import Path
 
-# OpenMP reads its wait policy once, when torch loads it, so this must come before any import of
-# torch (kltrain.config imports it). PASSIVE: idle threads sleep instead of spinning, which suits
-# a step that alternates generation (small GEMMs, one token at a time) with training, and leaves
-# the cores to tokenisation and rewards in between. A value the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from kltrain.training.openmp import choose_wait
 
-from kltrain import __version__
-from kltrain.config import ConfigError, load_config, to_yaml
-from kltrain.training.host_memory import keep_freed_memory
+# OpenMP reads how long idle threads wait once, when torch loads it, so this comes before any
+# import of torch (kltrain.config imports it): a short spin when this machine's cores hold every
+# process's threads, sleep at once (PASSIVE) when they do not; what the user set is kept.
+choose_wait()
+
+from kltrain import __version__  # noqa: E402  (after choose_wait, above)
+from kltrain.config import ConfigError, load_config, to_yaml  # noqa: E402
+from kltrain.training.host_memory import keep_freed_memory  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

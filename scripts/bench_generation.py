@@ -11,7 +11,7 @@ same work) on the embedded smollm2-135m, 8 prompts, in three variants, each in a
   device, which this variant does).
 
 The first call of each variant is reported apart (it includes compilation); the others are the
-steady state. ``OMP_WAIT_POLICY=PASSIVE`` as the CLI sets it.
+steady state. The OpenMP wait is the one ``kltrain fit`` chooses (``kltrain/training/openmp.py``).
 
     python scripts/bench_generation.py                  # ~2 min on a 2-core CPU
     python scripts/bench_generation.py --new-tokens 64 --repeats 5
@@ -78,7 +78,10 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.new_tokens, args.repeats)
         return
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": "PASSIVE"}
+    from kltrain.training.openmp import choose_wait
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    choose_wait(env)
     rows = []
     for variant in args.variants:
         command = [sys.executable, __file__, "--worker", variant]

@@ -5,7 +5,9 @@ Same model (the embedded smollm2-135m, fp32), prompts (the built-in movie-review
 conversational ``[{"role": "user", ...}]`` messages through the chat template), batch (2 prompts ×
 4 completions), 32 new tokens (no minimum, temperature 1, no top-k/top-p), β = 0.05, lr 1e-5,
 seed 0, the lexicon reward (kltrain's ``sentiment``; TRL gets the same function) and the same
-threads (``OMP_WAIT_POLICY=PASSIVE``, ``OMP_NUM_THREADS`` as given). Each repeat runs kltrain then
+threads (``OMP_NUM_THREADS`` as given, and the OpenMP wait ``kltrain fit`` chooses,
+``kltrain/training/openmp.py``, for both sides; ``--passive`` makes it ``OMP_WAIT_POLICY=PASSIVE``
+for both). Each repeat runs kltrain then
 TRL (A B A B ...) in fresh processes; each process runs ``--steps`` steps of which the first is a
 warm-up and is not counted. A step's time runs from the start of one step to the start of the
 next, so it includes logging on both sides.
@@ -55,9 +57,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-# Before torch is imported anywhere (this process or its children): the PASSIVE policy, so
-# OpenMP threads sleep instead of spinning between generation and training.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from kltrain.training.openmp import USER_SETTINGS, choose_wait
+
+# Before torch is imported anywhere (this process or its children, which inherit it): the wait
+# of idle OpenMP threads that `kltrain fit` chooses, for both sides (or PASSIVE with --passive).
+if "--passive" in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+choose_wait()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -427,6 +433,11 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both sides")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per process")
     p.add_argument(
+        "--passive",
+        action="store_true",
+        help="OMP_WAIT_POLICY=PASSIVE for both sides instead of the wait kltrain fit chooses",
+    )
+    p.add_argument(
         "--trl-no-checkpointing",
         action="store_true",
         help="TRL without gradient checkpointing (its GRPOConfig default is on)",
@@ -450,6 +461,7 @@ def main(argv=None):
         return
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        choose_wait()  # again, for this thread count (both sides inherit it)
     os.environ[TRL_CKPT_ENV] = "0" if args.trl_no_checkpointing else "1"
     rates_before = machine_rates()
     rows = []
@@ -467,6 +479,7 @@ def main(argv=None):
     out_lines = []
     summaries = [summarise(name, runs, rates) for name, runs in rows]
     for row in summaries:
+        row["openmp_wait"] = {k: os.environ[k] for k in USER_SETTINGS if k in os.environ}
         out_lines.append(json.dumps(row))
         print(out_lines[-1], flush=True)
     table = markdown(summaries)

@@ -4,6 +4,7 @@ lists every name; bad input exits 2 with one message naming the problem, no trac
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,32 +129,34 @@ def test_divergences_prints_the_gradient_table_with_the_ratio(capsys):
     assert "--divergence" in capsys.readouterr().err
 
 
-# OMP_WAIT_POLICY: set by the CLI before torch (and its OpenMP runtime) is loaded ------------
+# OpenMP's wait: chosen by the CLI before torch (and its OpenMP runtime) is loaded ------------
 _RECORD_OMP_AT_TORCH_IMPORT = """
 import importlib.abc, json, os, sys
 
+NAMES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 seen = {}
 
 class Spy(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" and "policy" not in seen:
-            seen["policy"] = os.environ.get("OMP_WAIT_POLICY")
+        if name == "torch" and not seen:
+            seen.update({n: os.environ.get(n) for n in NAMES}, imported=True)
         return None
 
 sys.meta_path.insert(0, Spy())
 from kltrain.cli import main
 code = main(["divergences"])
-print(json.dumps({"code": code, "at_torch_import": seen.get("policy", "torch never imported"),
-                  "after": os.environ.get("OMP_WAIT_POLICY")}))
+print(json.dumps({"code": code, "at_torch_import": seen or "torch never imported",
+                  "after": {n: os.environ.get(n) for n in NAMES}}))
 """
 
 
-def _omp_policy_seen_by_torch(policy: str | None) -> dict:
-    import os
+def _omp_wait_seen_by_torch(**settings: str) -> dict:
+    """Run the CLI in a fresh process whose environment has none of the wait variables but
+    ``settings``; what torch's import saw, and what the environment held afterwards."""
+    from kltrain.training.openmp import MARKER, USER_SETTINGS
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy is not None:
-        env["OMP_WAIT_POLICY"] = policy
+    drop = {*USER_SETTINGS, MARKER, "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"}
+    env = {k: v for k, v in os.environ.items() if k not in drop} | settings
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, "-c", _RECORD_OMP_AT_TORCH_IMPORT],
@@ -166,11 +169,22 @@ def _omp_policy_seen_by_torch(policy: str | None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_cli_sets_passive_omp_wait_policy_before_torch_loads():
-    seen = _omp_policy_seen_by_torch(None)
-    assert seen == {"code": 0, "at_torch_import": "PASSIVE", "after": "PASSIVE"}
+def test_cli_sets_a_bounded_spin_before_torch_loads_when_the_cores_hold_its_threads():
+    from kltrain.training.openmp import SPIN_COUNT
+
+    seen = _omp_wait_seen_by_torch(OMP_NUM_THREADS="1")
+    wait = {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": str(SPIN_COUNT)}
+    assert seen == {"code": 0, "at_torch_import": {**wait, "imported": True}, "after": wait}
+
+
+def test_cli_sets_passive_before_torch_loads_when_processes_oversubscribe_the_cores():
+    cores = len(os.sched_getaffinity(0))
+    seen = _omp_wait_seen_by_torch(LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS=str(cores))
+    wait = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None}
+    assert seen == {"code": 0, "at_torch_import": {**wait, "imported": True}, "after": wait}
 
 
 def test_cli_keeps_the_users_omp_wait_policy():
-    seen = _omp_policy_seen_by_torch("ACTIVE")
-    assert seen == {"code": 0, "at_torch_import": "ACTIVE", "after": "ACTIVE"}
+    seen = _omp_wait_seen_by_torch(OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="1")
+    wait = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": None}
+    assert seen == {"code": 0, "at_torch_import": {**wait, "imported": True}, "after": wait}
