@@ -234,6 +234,17 @@ def test_backward_scales_by_the_incoming_gradient():
         assert_close_scaled(-3 * a, b, TWO_FP32_RTOL + 2**-24)
 
 
+def test_a_second_backward_through_the_same_loss_is_refused_not_rescaled():
+    """The stored gradients are scaled in place (no [V, H] copy at the backward's peak), so a
+    retained graph cannot be differentiated twice: that must raise instead of returning the
+    gradient scaled twice."""
+    t = make(3)
+    loss = -3 * fused(t, "js", pg_plus_kl(t)[0], 16)
+    torch.autograd.grad(loss, params(t, False), retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        torch.autograd.grad(loss, params(t, False))
+
+
 class MatmulFlops(TorchDispatchMode):
     """Counts 2·m·k·n for every aten mm/addmm call, whatever the overload (out=, in place)."""
 

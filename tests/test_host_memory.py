@@ -61,3 +61,42 @@ def test_freed_large_blocks_are_reused_instead_of_faulted_in_again():
 )
 def test_a_users_allocator_settings_are_left_alone(environ, tuned):
     assert user_tuned(environ) is tuned
+
+
+@pytest.mark.parametrize("fused", [None, True])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adamw_state_made_before_the_first_step_changes_no_update(fused, amsgrad):
+    """Three steps with the state made early and lazily: the same parameters and state, bit for
+    bit (the same operations on the same numbers). A parameter whose state was made early is
+    skipped by a step without its gradient, as it is without state."""
+    import torch
+
+    from kltrain.training.host_memory import allocate_adamw_state
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4)]
+    init = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    grads[0][2] = None  # the last parameter gets no gradient at the first step
+    runs = []
+    for early in (False, True):
+        params = [t.clone().requires_grad_(True) for t in init]
+        groups = [{"params": params[:2]}, {"params": params[2:], "lr": 3e-3}]
+        opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1, fused=fused, amsgrad=amsgrad)
+        if early:
+            assert allocate_adamw_state(opt) == 3
+            assert allocate_adamw_state(opt) == 0  # state that exists is kept
+        for step_grads in grads:
+            for p, grad in zip(params, step_grads):
+                p.grad = grad
+            opt.step()
+        runs.append((params, opt.state_dict()["state"]))
+    (lazy_params, lazy_state), (early_params, early_state) = runs
+    assert all(torch.equal(a, b) for a, b in zip(lazy_params, early_params))
+    assert lazy_state.keys() == early_state.keys()
+    for index, state in lazy_state.items():
+        other = early_state[index]
+        assert state.keys() == other.keys()
+        for key, value in state.items():
+            assert value.dtype == other[key].dtype and value.device == other[key].device
+            assert torch.equal(value, other[key]), (index, key)

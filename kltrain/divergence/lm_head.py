@@ -240,14 +240,24 @@ class _FusedTokenLoss(torch.autograd.Function):
         ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
         ctx.grad_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.present = (grad_h is not None, grad_w is not None, grad_b is not None)
+        ctx.scaled = False
         return total.float() if acc == torch.float32 else total
 
     @staticmethod
     def backward(ctx, grad_out):
+        # Scaled in place: the [V, H] weight gradient is the largest buffer alive at this point
+        # of the backward (every activation is still held), and a scaled copy would double it.
+        # So the stored gradients can be scaled once only.
+        if ctx.scaled:
+            raise RuntimeError(
+                "fused_token_loss: a second backward through the same loss (retain_graph) is "
+                "not supported; its stored gradients were already scaled by the first"
+            )
+        ctx.scaled = True
         saved = iter(ctx.saved_tensors)
         out = []
         for present, dtype in zip(ctx.present, ctx.grad_dtypes):
-            out.append((next(saved) * grad_out).to(dtype) if present else None)
+            out.append(next(saved).mul_(grad_out).to(dtype) if present else None)
         return (*out, None, None, None, None, None)
 
 

@@ -54,6 +54,7 @@ from kltrain.rewards import RewardFunction
 from kltrain.rl.coef import make_coef
 from kltrain.rollout import Rollout, measure, sample_rollout
 from kltrain.training import checkpoint, deepspeed_engine, distributed, fsdp, preemption, run_folder
+from kltrain.training.host_memory import allocate_adamw_state
 from kltrain.training.tracking import RunLogger, StepResult
 from kltrain.training.trainer_checkpoints import CheckpointMixin
 from kltrain.training.trainer_engine import EngineMixin
@@ -185,6 +186,8 @@ class Trainer(UpdateMixin, EngineMixin, CheckpointMixin):
         )
         if self.zero_requested:  # after the weights were loaded (resume)
             self._build_zero()
+        else:  # the moments next to the weights, before any step's short-lived blocks
+            allocate_adamw_state(self.optimizer)
         logged = {n: get_divergence(n) for n in LOGGED_DIVERGENCES}
         logged[self.regulariser.divergence.name] = self.regulariser.divergence
         self.measured_divergences = list(logged.values())
