@@ -131,8 +131,11 @@ def kltrain_config(name: str, prompts: Path, out: Path, steps: int) -> list[str]
         f"trainer.max_steps={steps}", f"trainer.output_dir={out}", "trainer.device=cpu",
         "trainer.save_every=0", "tracking.wandb.mode=disabled",
     ]  # fmt: skip
+    checkpointing = []
+    if os.environ.get(KLTRAIN_CKPT_ENV) == "1":
+        checkpointing = ["model.gradient_checkpointing=true"]
     if name == "ppo":
-        return common  # configs/ppo_reverse_kl.yaml as shipped, apart from the lines above
+        return common + checkpointing  # configs/ppo_reverse_kl.yaml as shipped, but these
     kl = KL[name]
     over = [
         *common,
@@ -148,7 +151,7 @@ def kltrain_config(name: str, prompts: Path, out: Path, steps: int) -> list[str]
     ]  # fmt: skip
     if "accept_gradient" in kl:
         over.append(f"kl.accept_gradient={kl['accept_gradient']}")
-    return over
+    return over + checkpointing
 
 
 def _time_passes(phases: dict[str, float]):
@@ -219,6 +222,7 @@ def run_kltrain(name: str, steps: int, workdir: Path) -> dict:
         "records": records,
         "peak_rss_bytes": peak_rss_bytes(),
         "threads": torch.get_num_threads(),
+        "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "params": sum(p.numel() for p in model.parameters()),
         "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "embedding_params": emb.numel(),
@@ -332,6 +336,9 @@ def phase_limits(r: dict, shape: dict, rates: dict) -> dict[str, float]:
 #: Set by --trl-no-checkpointing for the TRL processes (TRL 1.16's GRPOConfig turns gradient
 #: checkpointing on by default: less activation memory, one more forward in the backward).
 TRL_CKPT_ENV = "BENCH_TRL_GRADIENT_CHECKPOINTING"
+#: Set by --kltrain-checkpointing for the kltrain processes (model.gradient_checkpointing, off by
+#: default in kltrain): then both sides recompute activations, as TRL does by default.
+KLTRAIN_CKPT_ENV = "BENCH_KLTRAIN_GRADIENT_CHECKPOINTING"
 PHASES = ("generation", "reference_pass", "policy_pass", "lm_head_stats", "rewards", "update",
           "logging")  # fmt: skip
 
@@ -367,9 +374,8 @@ def summarise(name: str, runs: dict[str, list[dict]], rates: dict) -> dict:
             "step_s": spread([rec["step_s"] for rec in measured]),
             "peak_rss_gb": max(res["peak_rss_bytes"] for res in results) / 1e9,
             "threads": results[0]["threads"],
+            "gradient_checkpointing": results[0]["gradient_checkpointing"],
         }
-        if side == "trl":
-            row[side]["gradient_checkpointing"] = results[0]["gradient_checkpointing"]
         if side == "kltrain":
             phases = {k: statistics.median(rec[k] for rec in measured) for k in PHASES}
             limits = phase_limits(measured[-1], results[0], rates)
@@ -421,6 +427,12 @@ def markdown(rows: list[dict]) -> str:
         f"{rates['copy_gb_s']:.1f} GB/s, fp32 GEMM {rates['gemm_gflop_s']:.0f} GFLOP/s. "
         "Phases are kltrain's medians; (÷ limit) is the phase over its lower bound."
     )
+    first = rows[0]
+    on_off = {True: "on", False: "off"}
+    setting = [f"{side} {on_off[bool(first[side]['gradient_checkpointing'])]}"
+               for side in ("kltrain", "trl") if side in first]  # fmt: skip
+    wait = ", ".join(f"{k}={v}" for k, v in first.get("openmp_wait", {}).items()) or "unset"
+    lines.append(f"Gradient checkpointing: {', '.join(setting)}. OpenMP wait: {wait}.")
     return "\n".join(lines)
 
 
@@ -441,6 +453,11 @@ def parse(argv=None):
         "--trl-no-checkpointing",
         action="store_true",
         help="TRL without gradient checkpointing (its GRPOConfig default is on)",
+    )
+    p.add_argument(
+        "--kltrain-checkpointing",
+        action="store_true",
+        help="kltrain with model.gradient_checkpointing=true (as TRL's default; off in kltrain)",
     )
     p.add_argument("--out", type=Path, default=None, help="also write JSON lines + table here")
     for hidden in ("--_side", "--_config", "--_steps", "--_workdir"):
@@ -463,6 +480,7 @@ def main(argv=None):
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         choose_wait()  # again, for this thread count (both sides inherit it)
     os.environ[TRL_CKPT_ENV] = "0" if args.trl_no_checkpointing else "1"
+    os.environ[KLTRAIN_CKPT_ENV] = "1" if args.kltrain_checkpointing else "0"
     rates_before = machine_rates()
     rows = []
     for name in args.configs:

@@ -66,13 +66,11 @@ class PerSampleGumbel(LogitsProcessor):
         for warp in self.warpers:
             scores = warp(input_ids, scores)
         logp = torch.log_softmax(scores.double(), dim=-1)
-        vocab = scores.shape[-1]
-        uniform = torch.stack(
-            [
-                torch.rand(vocab, generator=g, device=g.device, dtype=torch.float64)
-                for g in self.generators
-            ]
-        ).to(scores.device)
+        # Each row's draw from its own stream (torch.rand's numbers), then g = −log(−log u), in
+        # place: one [B, V] buffer instead of a fresh one per operation, every decoding step.
+        noise = torch.empty(logp.shape, dtype=torch.float64, device=self.generators[0].device)
+        for row, g in zip(noise, self.generators):
+            row.uniform_(generator=g)
         # u = 0 has probability 2^-53 per entry; clamp it so that log(u) stays finite
-        gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float64).tiny)))
-        return logp + gumbel
+        noise.clamp_min_(torch.finfo(torch.float64).tiny).log_().neg_().log_().neg_()
+        return logp.add_(noise.to(logp.device))
