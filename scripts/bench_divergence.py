@@ -37,10 +37,14 @@ import subprocess
 import sys
 import time
 
-import torch
+from kltrain.training.openmp import choose_wait
 
-from kltrain.divergence.functions import DIVERGENCE_NAMES, get_divergence, token_divergence
-from kltrain.divergence.lm_head import fused_token_loss
+choose_wait()  # the OpenMP wait `kltrain fit` chooses, before torch loads its runtime
+
+import torch  # noqa: E402
+
+from kltrain.divergence.functions import DIVERGENCE_NAMES, get_divergence, token_divergence  # noqa: E402
+from kltrain.divergence.lm_head import fused_token_loss  # noqa: E402
 
 # fp32 [N, V] buffers the plain path keeps alive at its peak (both logits, both log-softmaxes,
 # terms, and their gradients), measured on CPU at N=1024, V=49152; used to skip cases that
