@@ -135,7 +135,7 @@ def kltrain_config(name: str, prompts: Path, out: Path, steps: int) -> list[str]
     if os.environ.get(KLTRAIN_CKPT_ENV) == "1":
         checkpointing = ["model.gradient_checkpointing=true"]
     if name == "ppo":
-        return common + checkpointing  # configs/ppo_reverse_kl.yaml as shipped, but these
+        return common + checkpointing  # configs/ppo_reverse_kl.yaml, but for these lines
     kl = KL[name]
     over = [
         *common,

@@ -55,7 +55,8 @@ def allocate_adamw_state(optimizer) -> int:
     """Create ``torch.optim.AdamW``'s state now, exactly as its first ``step`` would (``step`` 0,
     zero moments; a max of squared moments with amsgrad), for every parameter it holds; returns
     how many parameters got state. The update is unchanged (the first step finds the state
-    it would have made) and ``state_dict`` holds the same tensors.
+    it would have made) and ``state_dict`` holds the same tensors, plus zero state for a
+    parameter that never gets a gradient (which the lazy path would leave without state).
 
     Why: created in the first step, the moments (2× the weights) land in the middle of that
     step's short-lived blocks (activations, gradients); with freed memory kept
