@@ -217,33 +217,23 @@ def test_offline_proposal_survives_resume(tiny_model, tmp_path):
 def test_a_proposal_with_tied_weights_round_trips_through_a_checkpoint(tmp_path):
     """A model copy with tied embeddings (as the embedded model has) is saved once per storage
     and reloaded through the tie; a plain state-dict save would refuse the shared tensors."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from kltrain.training import checkpoint
+    from tests.helpers.tiny import tiny_tied_llama
 
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    q = LlamaForCausalLM(config).requires_grad_(False)
+    q = tiny_tied_llama(layers=1).requires_grad_(False)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     path = checkpoint.save(
         tmp_path / "ckpt",
         step=1,
-        model=LlamaForCausalLM(config),
+        model=tiny_tied_llama(layers=1),
         optimizer=opt,
         scheduler=sched,
         states={},
         keep_last=1,
         modules={"proposal": q},
     )
-    loaded = LlamaForCausalLM(config)
+    loaded = tiny_tied_llama(layers=1)
     checkpoint.load_modules(path, {"proposal": loaded})
     assert _same(_snapshot(loaded), _snapshot(q))
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight

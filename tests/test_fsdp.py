@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from kltrain.training import checkpoint, fsdp
 from kltrain.training.distributed import free_port
+from tests.helpers.tiny import tiny_tied_llama
 
 
 @pytest.fixture
@@ -23,17 +24,8 @@ def one_process_group():
 
 
 def tied_model() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return tiny_tied_llama(layers=2)
 
 
 def test_a_sharded_tied_module_checkpoints_and_loads_back_with_its_tie(one_process_group, tmp_path):

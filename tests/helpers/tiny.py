@@ -105,3 +105,18 @@ def update_sections(raw: dict, sections: dict) -> dict:
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return raw
+
+
+def tiny_tied_llama(layers: int = 2) -> LlamaForCausalLM:
+    """A tiny random Llama in memory (50 tokens, hidden 16, no tokenizer) whose lm_head is its
+    input embedding: for checkpoint round trips of tied weights."""
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
