@@ -27,6 +27,12 @@ from kltrain.divergence.lm_head import token_stats
 from kltrain.models.loading import Models
 from kltrain.models.logits import final_hidden_states, last_position_hidden, lm_head_params
 from kltrain.models.sampling import PerSampleGumbel
+from kltrain.models.shared_prefix import (
+    cache_keyword,
+    group_prefixes,
+    hidden_after_shared_prefix,
+    shared_prefix_cache,
+)
 
 
 @dataclass
@@ -133,11 +139,13 @@ def generate(
             gumbel = PerSampleGumbel(list(seeds[sl]), temperature, top_k, top_p, device)
             sampling |= {"do_sample": False, "logits_processor": LogitsProcessorList([gumbel])}
             sampling |= {"temperature": None, "top_k": None, "top_p": None}
+        prompt_cache = _shared_prompt_cache(policy, prompt_ids[sl], prompt_mask[sl])
         recording = last_position_hidden(policy) if hidden_out is not None else nullcontext([])
         with recording as steps:
             out = policy.generate(
                 input_ids=prompt_ids[sl],
                 attention_mask=prompt_mask[sl],
+                **prompt_cache,
                 **sampling,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=eos_ids,
@@ -162,6 +170,20 @@ def generate(
         padded = [torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[1])) for h in hiddens]
         hidden_out.append(torch.cat(padded) * completion_mask.unsqueeze(-1))
     return input_ids, attention_mask, completion_mask, prompt_ids.shape[1]
+
+
+def _shared_prompt_cache(model: torch.nn.Module, ids: Tensor, mask: Tensor) -> dict:
+    """``generate``'s KV-cache argument holding the prompts' first P − 1 positions, each
+    distinct prompt of the ``[b, P]`` batch run once (``shared_prefix_cache``); generate then
+    runs each row's last prompt token and samples. ``{}`` (generate runs the whole prompts) when
+    no prompt repeats or sharing would not be exact."""
+    n = ids.shape[1] - 1
+    groups = group_prefixes(ids[:, :n], mask[:, :n])
+    if groups is None:
+        return {}
+    positions = prompt_positions(mask)[:, :n]
+    cache = shared_prefix_cache(model, ids[:, :n], mask[:, :n], positions, groups)
+    return {} if cache is None else {cache_keyword(model): cache}
 
 
 #: Logits processors a model's own generation_config.json may switch on (e.g. a hub model's
@@ -277,9 +299,21 @@ def completion_hidden(
     """[B, P+T] → [B, T, H]: the final hidden state at each position that predicts a completion
     token (position ``P - 1 + t`` predicts token ``t``)."""
     # positions counted from the first real token, as generate() numbers them under left padding
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    position_ids = prompt_positions(attention_mask)
+    # Rows sharing a prompt run its first P - 1 positions once (and not the last position,
+    # which predicts no completion token); else every row runs whole.
+    ids, att, pos = input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1]
+    shared = hidden_after_shared_prefix(model, ids, att, pos, prompt_length - 1)
+    if shared is not None:
+        return shared
     hidden = final_hidden_states(model, input_ids, attention_mask, position_ids=position_ids)
     return hidden[:, prompt_length - 1 : -1]
+
+
+def prompt_positions(attention_mask: Tensor) -> Tensor:
+    """[B, S] → [B, S] position ids counted from each row's first real token (0 on the left
+    padding), as ``generate`` numbers a left-padded batch."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()

@@ -240,7 +240,7 @@ def test_lora_refuses_a_separate_reference(tmp_path, tiny):
 @pytest.mark.parametrize("lora", [None, LoraConfig(r=4)])
 def test_gradient_checkpointing_trains(tiny, lora):
     models = M.load_models(ModelConfig(policy=tiny, gradient_checkpointing=True, lora=lora))
-    base = L._unwrap(models.policy)
+    base = L.unwrap_causal_lm(models.policy)
     assert base.config.use_cache is False
     calls = []
     base.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from kltrain.models.errors import ModelError
 
 
-def _unwrap(model: torch.nn.Module) -> PreTrainedModel:
+def unwrap_causal_lm(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model inside a peft wrapper (its LoRA layers stay in place)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(base, "get_decoder") or not hasattr(base, "get_output_embeddings"):
@@ -33,7 +33,7 @@ def final_hidden_states(
 ) -> Tensor:
     """input_ids, attention_mask [B, T] → final hidden states [B, T, H] (after the final norm,
     before lm_head). `position_ids` [B, T] defaults to what `model(...)` uses (0..T-1)."""
-    decoder = _unwrap(model).get_decoder()
+    decoder = unwrap_causal_lm(model).get_decoder()
     out = decoder(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -56,7 +56,7 @@ def last_position_hidden(model: torch.nn.Module) -> Iterator[list[Tensor]]:
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
         captured.append(hidden[:, -1:].detach())
 
-    handle = _unwrap(model).get_decoder().register_forward_hook(hook)
+    handle = unwrap_causal_lm(model).get_decoder().register_forward_hook(hook)
     try:
         yield captured
     finally:
@@ -74,7 +74,7 @@ _LOGIT_POSTPROCESSING = {
 
 def lm_head_params(model: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
     """The output layer's weight [V, H] and bias [V] (or None): logits = hidden @ W.T + b."""
-    base = _unwrap(model)
+    base = unwrap_causal_lm(model)
     config = base.config.get_text_config()
     for attr, identity in _LOGIT_POSTPROCESSING.items():
         value = getattr(config, attr, identity)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from torch import Tensor
 from kltrain.algorithms import TrainBatch
 from kltrain.config import ConfigError
 from kltrain.models.logits import lm_head_params
+from kltrain.models.shared_prefix import whole_rows
 from kltrain.rl.reduction import max_of
 from kltrain.rollout import completion_hidden
 from kltrain.training import deepspeed_engine, distributed, fsdp
@@ -151,6 +152,13 @@ class EngineMixin:
                 for name, m in modules.items()
             }
         return modules
+
+    def _training_rows(self) -> AbstractContextManager:
+        """The training forward under DeepSpeed runs every row whole, prompts included
+        (``kltrain.models.shared_prefix.whole_rows``): with ZeRO-2, a prompt run once for the
+        rows that share it gave another gradient than one process did (the equivalence runs of
+        tests/test_world_size.py), and ZeRO-3's parameter hooks abort on a layer called twice."""
+        return whole_rows() if self.zero_requested else nullcontext()
 
     def _head_call(self, hidden: Tensor, fn) -> Tensor:
         """``fn(hidden)``, where ``fn`` may read the lm_head weights: under ZeRO-3 inside the

@@ -90,7 +90,8 @@ class UpdateMixin:
             if self.accelerator.num_processes == 1 and not mask[start : start + micro].any():
                 continue  # every sample invalid (reward.on_invalid: skip): no loss, no gradient
             part = rows[start : start + micro]
-            with distributed.sync_context(self.policy_forward, sync=start == starts[-1]):
+            sync = distributed.sync_context(self.policy_forward, sync=start == starts[-1])
+            with sync, self._training_rows():
                 loss = self._micro_batch_loss(batch, part, num_tokens, sums)
                 if self.zero is None:
                     loss.backward()

@@ -3,6 +3,8 @@ plain SGD, so two ways of computing one step's update differ only by the order o
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from kltrain.training.trainer import Trainer
@@ -19,13 +21,32 @@ GRADIENT_CANCELLATION = 16.0
 FLOAT64_UPDATE_RTOL = 2 * fp64_tol(TINY_UPDATE_TERMS, GRADIENT_CANCELLATION)
 
 
+def to_float64(model: torch.nn.Module) -> torch.nn.Module:
+    """``model.double()``, its RMSNorms included: transformers' RMSNorm computes in float32
+    whatever the model's dtype, which rounds every activation and gradient that crosses it to
+    float32. Where two ways of computing a step sum the same gradient in other orders (shared
+    prompts run once, micro-batches), that rounding would turn float64 order differences into
+    float32 ones. Each norm here computes its own formula, ``w · x / sqrt(mean(x²) + ε)``, in
+    float64."""
+    model.double()
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rms_norm_in_input_dtype, module)
+    return model
+
+
+def _rms_norm_in_input_dtype(self, hidden: torch.Tensor) -> torch.Tensor:
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
+
+
 def float64_sgd_trainer(cfg) -> Trainer:
     """A trainer whose models run in float64 and whose update is plain SGD at lr 1, so the
     parameter change is minus the gradient itself (Adam's first step is ≈ sign(g), which would
     hide small gradient differences and magnify roundoff near zero)."""
     trainer = Trainer(cfg)
     for model in (trainer.models.policy, trainer.models.reference):
-        model.double()
+        to_float64(model)
     for module in trainer.algorithm.modules().values():
         module.double()
     trainer.optimizer = torch.optim.SGD(trainer.params, lr=1.0)
