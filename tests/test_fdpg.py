@@ -632,6 +632,29 @@ def test_offline_proposal_is_replaced_only_when_the_policy_is_closer(policy_is_c
     assert algo.state_dict()["proposal_updates"] == int(policy_is_closer)
 
 
+def test_offline_proposal_is_kept_at_a_tie_that_rounding_breaks():
+    """π = q (the first step): the two estimates are equal in exact arithmetic, and the policy's
+    log-probs come from another pass than q's (fp32 rounding apart). Rounding either way must
+    not replace q (before: whichever engine's rounding made π's estimate lower did)."""
+    from types import SimpleNamespace
+
+    ref, _ = _tables()
+    q = _proposal_table()
+    tokens, mask = exact_frequency_sample(q, 20_000, torch.Generator().manual_seed(15))
+    lower = []
+    for sign in (1.0, -1.0):
+        algo = make_fdpg("forward_kl", target="constraint", proposal="offline")
+        set_exact_log_z(algo, exact_target(ref, "hard")[1])
+        algo.setup(SimpleNamespace(policy=torch.nn.Linear(3, 2)))
+        rollout, rewards = offline_rollout(q, ref, q, tokens, mask, "constraint", 4)
+        lp = rollout.stats["logprobs"]  # fp32: one rounding step of each log-prob
+        rollout.stats["logprobs"] = lp + sign * lp.abs() * 2.0**-23 * mask
+        metrics = algo.prepare(rollout, rewards, None).metrics
+        lower.append(metrics["fdpg/policy_divergence"] < metrics["fdpg/proposal_divergence"])
+        assert metrics["fdpg/proposal_updates"] == 0.0, sign
+    assert any(lower)  # rounding did put π's estimate below q's (the old rule replaced q)
+
+
 def test_on_policy_has_no_proposal_and_ignores_setup():
     from types import SimpleNamespace
 

@@ -52,6 +52,12 @@ from kltrain.config import DIAGNOSED_DIVERGENCES, FdpgConfig, RunConfig
 from kltrain.divergence.functions import Divergence, get_divergence
 from kltrain.rollout import Rollout
 
+#: q ← π needs the policy's estimate below q's by more than this fraction of q's (2^-20, 16
+#: fp32 roundings of the per-token log-probs both estimates come from). At a tie in exact
+#: arithmetic, as at the first step where π = q, rounding decided, and differently on each
+#: engine and batch layout; a real improvement is orders of magnitude larger.
+PROPOSAL_TIE_RTOL = 2.0**-20
+
 
 def gradient_description(cfg: RunConfig) -> tuple[str, str]:
     """(``gradient_followed`` for config.yaml, the console line) of an fdpg run."""
@@ -269,11 +275,12 @@ class Fdpg(Algorithm):
         self, log_u: Tensor, log_u_q: Tensor, weight: Tensor, log_weight: Tensor
     ) -> dict[str, float]:
         """DPG's rule: q ← π when the importance-sampled ``D(π‖p)`` (``proposal_divergence``)
-        is below q's own on the same samples, both averaged over every process's samples."""
+        is below q's own on the same samples, both averaged over every process's samples, by more
+        than rounding (:data:`PROPOSAL_TIE_RTOL`)."""
         d = self.diagnosed[self.settings.proposal_divergence]
         d_policy = self.global_mean(weight * divergence_terms(d, log_u))
         d_proposal = self.global_mean(divergence_terms(d, log_u_q))
-        if d_policy < d_proposal:
+        if d_policy < d_proposal - PROPOSAL_TIE_RTOL * abs(d_proposal):
             self.proposal_updates += 1
             if self.proposal is not None:
                 self.proposal.load_state_dict(self._policy_state())
