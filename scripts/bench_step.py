@@ -34,8 +34,10 @@ each set against its limit, from rates measured in this run before and after the
 
 - generation: reading the weights once per decoding step, ``T · weight_bytes / bandwidth`` with T
   the generated length and the bandwidth of a large fp32 reduction (a read stream);
-- reference / policy pass: forward FLOPs ``2·P_body·B·S + 2·V·H·B·T + 4·L·H·B·S²`` (S = prompt +
-  completion length, P_body the parameters outside the embedding) at the measured fp32 GEMM rate;
+- reference / policy pass: forward FLOPs ``2·P_body·(U·P + B·T) + 2·V·H·B·T + 4·L·H·(U·P² + B·T·S)``
+  (U distinct prompts of P tokens, each run once for the B rows that share it as kltrain does;
+  T completion tokens, S = P + T, P_body the parameters outside the embedding) at the measured
+  fp32 GEMM rate;
 - update: forward + backward, 3× the forward's FLOPs, at the GEMM rate.
 
     python scripts/bench_step.py --quick            # one configuration, 2 repeats (checks it runs)
@@ -210,6 +212,7 @@ def run_kltrain(name: str, steps: int, workdir: Path) -> dict:
             "update": m["time/optimise_seconds"],
             "logging": t2 - t1,
             "sequences": r.num_sequences,
+            "distinct_prompts": int(r.group_ids.unique().numel()),
             "prompt_length": r.prompt_length,
             "generated_length": r.input_ids.shape[1] - r.prompt_length,
             "completion_tokens": int(r.completion_mask.sum()),
@@ -315,12 +318,13 @@ def machine_rates(repeats: int = 5) -> dict:
 def phase_limits(r: dict, shape: dict, rates: dict) -> dict[str, float]:
     """Lower bounds (seconds) of one step's phases, from its shapes and the measured rates."""
     b, p, t = r["sequences"], r["prompt_length"], r["generated_length"]
+    u = r.get("distinct_prompts", b)  # each distinct prompt's positions run once
     s = p + t
     body = shape["params"] - shape["embedding_params"]
     fwd = (
-        2 * body * b * s
+        2 * body * (u * p + b * t)
         + 2 * shape["vocab"] * shape["hidden"] * b * t
-        + 4 * shape["layers"] * shape["hidden"] * b * s * s
+        + 4 * shape["layers"] * shape["hidden"] * (u * p * p + b * t * s)
     )
     gemm = rates["gemm_gflop_s"] * 1e9
     return {
@@ -383,7 +387,13 @@ def summarise(name: str, runs: dict[str, list[dict]], rates: dict) -> dict:
             row[side]["phases_s"] = phases
             row[side]["limits_s"] = limits
             row[side]["phase_over_limit"] = {k: phases[k] / limits[k] for k in limits}
-            keys = ("sequences", "prompt_length", "generated_length", "completion_tokens")
+            keys = (
+                "sequences",
+                "distinct_prompts",
+                "prompt_length",
+                "generated_length",
+                "completion_tokens",
+            )
             row[side]["shape"] = {k: last[k] for k in (*keys, "minibatches")}
     if "trl" in row:
         row["ratio_kltrain_over_trl"] = (
