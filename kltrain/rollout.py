@@ -29,7 +29,6 @@ from kltrain.models.logits import final_hidden_states, last_position_hidden, lm_
 from kltrain.models.sampling import PerSampleGumbel
 from kltrain.models.shared_prefix import (
     cache_keyword,
-    group_prefixes,
     hidden_after_shared_prefix,
     shared_prefix_cache,
 )
@@ -178,11 +177,8 @@ def _shared_prompt_cache(model: torch.nn.Module, ids: Tensor, mask: Tensor) -> d
     runs each row's last prompt token and samples. ``{}`` (generate runs the whole prompts) when
     no prompt repeats or sharing would not be exact."""
     n = ids.shape[1] - 1
-    groups = group_prefixes(ids[:, :n], mask[:, :n])
-    if groups is None:
-        return {}
     positions = prompt_positions(mask)[:, :n]
-    cache = shared_prefix_cache(model, ids[:, :n], mask[:, :n], positions, groups)
+    cache = shared_prefix_cache(model, ids[:, :n], mask[:, :n], positions)
     return {} if cache is None else {cache_keyword(model): cache}
 
 

@@ -121,16 +121,14 @@ def _zero3_partitioned(model: torch.nn.Module) -> bool:
 
 
 def shared_prefix_cache(
-    model: torch.nn.Module,
-    ids: Tensor,
-    mask: Tensor,
-    position_ids: Tensor,
-    groups: PrefixGroups,
+    model: torch.nn.Module, ids: Tensor, mask: Tensor, position_ids: Tensor
 ) -> DynamicCache | None:
-    """The KV cache of ``ids`` ``[B, n]`` (``mask``, ``position_ids`` alike) computed on the
-    distinct rows ``groups.first`` only, then indexed back to B rows. None where it would not
-    be exact (see the module docstring); with gradients enabled, differentiable."""
-    if _WHOLE_ROWS.get():
+    """The KV cache of ``ids`` ``[B, n]`` (``mask``, ``position_ids`` alike) computed on its
+    distinct rows only (:func:`group_prefixes`), then indexed back to B rows. None where no row
+    repeats or sharing would not be exact (see the module docstring); with gradients enabled,
+    differentiable."""
+    groups = group_prefixes(ids, mask)
+    if groups is None or _WHOLE_ROWS.get():
         return None
     base = unwrap_causal_lm(model)
     backward = torch.is_grad_enabled()
@@ -169,12 +167,7 @@ def hidden_after_shared_prefix(
     n = prefix_length
     if n >= input_ids.shape[1]:  # no position after the prefix
         return None
-    groups = group_prefixes(input_ids[:, :n], attention_mask[:, :n])
-    if groups is None:
-        return None
-    cache = shared_prefix_cache(
-        model, input_ids[:, :n], attention_mask[:, :n], position_ids[:, :n], groups
-    )
+    cache = shared_prefix_cache(model, input_ids[:, :n], attention_mask[:, :n], position_ids[:, :n])
     if cache is None:
         return None
     out = unwrap_causal_lm(model).get_decoder()(
