@@ -103,6 +103,19 @@ def test_local_folder_loads_in_each_dtype(tiny):
         M.load_causal_lm(tiny, dtype="fp8")
 
 
+def test_models_load_without_hub_kernels(tiny):
+    """transformers ≥ 5.25 loads the Hub's compiled kernels by default and, on every
+    ``train()``/``eval()``, re-binds each module's ``forward``: a module's own forward (a test's
+    float64 norm, a user's patch) would be silently replaced. kltrain loads with them off."""
+    model = M.load_causal_lm(tiny)
+    assert not getattr(model, "use_kernels", False)
+    norm = model.model.norm
+    own = norm.forward = lambda hidden: hidden
+    model.train()
+    model.eval()
+    assert norm.forward is own
+
+
 def test_bad_names_are_explained(tmp_path, tiny):
     with pytest.raises(ModelError, match="does not exist"):
         M.resolve_model(str(tmp_path / "nope"))

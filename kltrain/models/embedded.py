@@ -113,7 +113,7 @@ def _convert_gguf(gguf_path: Path, dest: Path) -> None:
         raise ModelError(
             f"transformers could not load the GGUF file {gguf_path}: {type(err).__name__}: {err}. "
             "The download may be damaged (it is re-fetched on the next try) or this transformers "
-            "version cannot read it (kltrain is tested with transformers 5.23)."
+            "version cannot read it (kltrain is tested with transformers 5.23-5.25)."
         ) from err
     if getattr(model, "hf_quantizer", None) is not None:
         raise ModelError(f"{name}: transformers kept the weights quantized; cannot save them")

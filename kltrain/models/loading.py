@@ -127,7 +127,12 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
 def load_causal_lm(
     name: str, dtype: str = "fp32", trust_remote_code: bool = False
 ) -> PreTrainedModel:
-    """A causal LM from safetensors weights, in `dtype` (fp32 | bf16 | fp16), in eval mode."""
+    """A causal LM from safetensors weights, in `dtype` (fp32 | bf16 | fp16), in eval mode.
+
+    Without the Hub's compiled kernels (``use_kernels=False``): transformers ≥ 5.25 otherwise
+    swaps layers for binaries downloaded from the Hub — code run without the config's consent,
+    as ``trust_remote_code`` — and re-swaps every module's ``forward`` at each
+    ``train()``/``eval()``."""
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     resolved = resolve_model(name)
@@ -137,6 +142,7 @@ def load_causal_lm(
             dtype=DTYPES[dtype],
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
+            use_kernels=False,
         )
     except Exception as err:
         if not _is_hub_id(name, resolved) and not list(Path(resolved).glob("*.safetensors")):

@@ -96,6 +96,7 @@ class RewardModel:
                 trust_remote_code=trust_remote_code,
                 dtype=self.DTYPES[dtype],
                 output_loading_info=True,
+                use_kernels=False,  # no Hub binaries (as kltrain.models.loading.load_causal_lm)
             )
         except Exception as err:
             raise RewardError(
