@@ -177,7 +177,7 @@ def bench_one(n, v, args, mm=None):
         "device": args.device_name, "dtype": args.dtype, "tokens": n, "vocab": v,
         "hidden": args.hidden, "chunk_size": args.chunk_size, "divergence": args.divergence,
         "mem_method": args.mem_method,
-        "fused_cuda": args.device.startswith("cuda") and not args.no_fused,
+        "fused": not args.no_fused,  # Triton kernels on CUDA, compiled torch on the CPU (fp32)
     }  # fmt: skip
     if args.divergence == "alpha":
         row["alpha"] = args.alpha
@@ -222,8 +222,8 @@ def parse(argv=None):
     p.add_argument(
         "--no-fused",
         action="store_true",
-        help="chunked path without the fused CUDA kernels (kltrain.divergence.kernels), "
-        "for comparison",
+        help="chunked path without the fused ops (kltrain.divergence.kernels: Triton on CUDA, "
+        "compiled torch on the CPU), for comparison",
     )
     for hidden in ("--_case", "--_n", "--_v"):  # internal: one case in a fresh subprocess
         p.add_argument(hidden, help=argparse.SUPPRESS)
@@ -242,6 +242,7 @@ def main(argv=None):
     args = parse(argv)
     if args.no_fused:
         os.environ["KLTRAIN_FUSED_CUDA"] = "0"  # inherited by the per-case subprocesses
+        os.environ["KLTRAIN_FUSED_CPU"] = "0"
     if args._case:
         args.divergence = args.divergence[0]
         print(json.dumps(measure(args._case, int(args._n), int(args._v), args)))

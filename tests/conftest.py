@@ -22,9 +22,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
+
+# The compiled CPU lm_head ops (kltrain/divergence/kernels/cpu.py) compile once per process and
+# divergence: seconds each, in every process a test launches. The suite runs the torch ops;
+# the tests that check the compiled ones turn them on (KLTRAIN_FUSED_CPU=1 runs them everywhere).
+os.environ.setdefault("KLTRAIN_FUSED_CPU", "0")
 
 U32 = 2.0**-24  # fp32 unit roundoff
 U64 = 2.0**-53  # float64 unit roundoff

@@ -457,6 +457,65 @@ def test_fused_ops_only_for_cuda_fp32_and_builtins():
     assert chunk_ops(torch.device("cuda"), torch.float32, Custom()) is None
 
 
+@pytest.mark.parametrize(("name", "p"), [*DIVS, (None, {})], ids=[n for n, _ in DIVS] + ["none"])
+def test_cpu_compiled_ops_match_plain_path(monkeypatch, name, p):
+    """The CPU default for fp32 and the built-ins: TorchChunkOps compiled by inductor. A vocab
+    that is no multiple of the vector width (tails), chunks of two sizes (one compilation, as
+    ``dynamic``), with and without bias, against float64."""
+    from kltrain.divergence.kernels import cpu
+    from kltrain.divergence.lm_head import _fused_ops
+
+    monkeypatch.setenv(cpu.ENV_SWITCH, "1")  # the suite's default is off (tests/conftest.py)
+    div = None if name is None else get_divergence(name, **p)
+    ops = _fused_ops(torch.device("cpu"), torch.float32, div)
+    assert isinstance(ops, cpu.CompiledChunkOps)
+    global N, V
+    old = N, V
+    N, V = 45, 517  # chunks of 16, 16 and 13 rows
+    try:
+        loss = pg_plus_kl if name is not None else logprobs_only
+        for bias in (False, True):
+            fused_path_matches_plain(make(14, bias=bias), name, p, loss, 16, bias)
+    finally:
+        N, V = old
+
+
+def test_cpu_compiled_ops_only_for_fp32_builtins_and_not_when_switched_off(monkeypatch):
+    from kltrain.divergence.functions import ReverseKL
+    from kltrain.divergence.kernels import cpu
+
+    class Custom(ReverseKL):
+        pass
+
+    monkeypatch.setenv(cpu.ENV_SWITCH, "1")
+    host = torch.device("cpu")
+    assert cpu.chunk_ops(host, torch.float64, get_divergence("js")) is None
+    assert cpu.chunk_ops(host, torch.float32, Custom()) is None
+    assert cpu.chunk_ops(torch.device("cuda"), torch.float32, get_divergence("js")) is None
+    half = cpu.chunk_ops(host, torch.float32, get_divergence("alpha", alpha=0.5))
+    assert half is cpu.chunk_ops(host, torch.float32, get_divergence("alpha", alpha=0.5))
+    assert half is not cpu.chunk_ops(host, torch.float32, get_divergence("alpha", alpha=1.5))
+    monkeypatch.setenv(cpu.ENV_SWITCH, "0")
+    assert cpu.chunk_ops(host, torch.float32, get_divergence("js")) is None
+
+
+def test_a_failed_cpu_compilation_says_why_and_names_the_switch(monkeypatch):
+    from kltrain.divergence.kernels import cpu
+
+    def no_compiler(fn, **kwargs):
+        def run(*args):
+            raise OSError("g++: command not found")
+
+        return run
+
+    monkeypatch.setattr(cpu.torch, "compile", no_compiler)
+    ops = cpu.CompiledChunkOps(get_divergence("js"))
+    z = torch.randn(3, 5)
+    with pytest.raises(RuntimeError, match="KLTRAIN_FUSED_CPU=0") as info:
+        ops.stats(z, z, torch.zeros(3, dtype=torch.long), None)
+    assert "g++: command not found" in str(info.value)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernels)")
 @pytest.mark.parametrize(("name", "p"), [*DIVS, (None, {})], ids=[n for n, _ in DIVS] + ["none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -219,6 +219,20 @@ def test_gradient_closed_form_and_naive_autograd(name, params):
     torch.testing.assert_close(got, naive, rtol=tol, atol=tol * scale)
 
 
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+def test_terms_and_score_are_token_terms_and_weighted_score(name, params):
+    """The pair the fused lm_head ops take (JS computes it with shared exp/log1p)."""
+    g = torch.Generator().manual_seed(6)
+    logp = torch.log_softmax(3 * torch.randn(5, 40, generator=g, dtype=torch.float64), -1)
+    logq = torch.log_softmax(3 * torch.randn(5, 40, generator=g, dtype=torch.float64), -1)
+    div = get_divergence(name, **params)
+    terms, score = div.terms_and_score(logp, logq)
+    tol = fp64_tol(8, cond=1e2)  # a handful of roundings per entry, exp/log conditioning
+    wants = div.token_terms(logp, logq), div.weighted_score(logp, logq)
+    for got, want in zip((terms, score), wants):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
 def test_kl_special_cases_of_the_gradient():
     """MATH.md: reverse KL gives π(ℓ − ℓ_ref − KL), forward KL gives π − π_ref."""
     g = torch.Generator().manual_seed(5)

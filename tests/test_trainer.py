@@ -65,6 +65,28 @@ def test_two_steps_write_the_run_folder(tiny_model, tmp_path, algorithm, placeme
     assert any((out / "checkpoints").iterdir())
 
 
+@pytest.mark.parametrize("divergence", ["reverse_kl", "js"])
+def test_compiled_cpu_lm_head_ops_train_the_measured_divergence(
+    tiny_model, tmp_path, monkeypatch, divergence
+):
+    """``kltrain fit``'s CPU default (the suite runs the torch ops, tests/conftest.py): the
+    compiled ops compute the trained exact divergence, which must equal the one the loop
+    measures with torch ops, at the test above's bound."""
+    from kltrain.divergence.kernels import cpu
+
+    monkeypatch.setenv(cpu.ENV_SWITCH, "1")
+    calls = []
+    stats = cpu.CompiledChunkOps.stats
+
+    def spy(self, *args):
+        calls.append(args[-1])
+        return stats(self, *args)
+
+    monkeypatch.setattr(cpu.CompiledChunkOps, "stats", spy)
+    test_two_steps_write_the_run_folder(tiny_model, tmp_path, "grpo", "loss", divergence)
+    assert calls and {d.name for d in calls} == {divergence}
+
+
 def rows_after_step_2_moved(out) -> bool:
     """The policy moved after step 1, so step 2's divergences are positive (above roundoff)."""
     last = read_metrics(out)[-1]

@@ -79,6 +79,11 @@ class Divergence:
         """
         return logp.exp() * self.f_prime((logp - logq).exp())
 
+    def terms_and_score(self, logp: Tensor, logq: Tensor) -> tuple[Tensor, Tensor]:
+        """(:meth:`token_terms`, :meth:`weighted_score`) together, ``[..., V]`` each; a
+        divergence overrides it where the two share costly elementwise work."""
+        return self.token_terms(logp, logq), self.weighted_score(logp, logq)
+
     def f_prime_at_one(self) -> float:
         """f'(1) (a subgradient where f has a kink there, e.g. 0 for tv)."""
         return float(self.f_prime(torch.ones((), dtype=torch.float64)))
@@ -281,6 +286,14 @@ class JensenShannon(Divergence):
     def weighted_score(self, logp, logq):
         # ½ log(2u/(u+1)) = ½(log 2 − softplus(−ρ)): finite for every finite ρ.
         return 0.5 * logp.exp() * (_LOG2 - F.softplus(logq - logp))
+
+    def terms_and_score(self, logp, logq):
+        # As value_and_logit_grad below: one exp and one log1p serve both (the compiled CPU
+        # lm_head ops fuse this; token_terms and weighted_score apart would take two of each).
+        rho = logp - logq
+        t = _LOG2 - torch.log1p(torch.exp(-rho.abs()))
+        score = 0.5 * logp.exp() * (t + rho.clamp(max=0))  # ½ π (ℓ − log m)
+        return score + 0.5 * logq.exp() * (t - rho.clamp(min=0)), score
 
     def value_and_logit_grad(self, logp, logq, p):
         # With t = log1p(e^(−|ρ|)): ℓ − log m = log 2 − t + min(ρ, 0) and ℓ_ref − log m =

@@ -13,12 +13,12 @@ where a = ∂loss/∂logprob and b = ∂loss/∂D per row come from a tiny autog
 on ``[c]`` leaves. Then grad_h = G @ W and grad_W += Gᵀ h: four lm_head matmuls in all (policy
 forward, reference forward, two for the policy's backward).
 
-On CUDA (fp32 accumulation, built-in divergence or none) the per-chunk elementwise work between
-the GEMMs runs as two fused Triton kernels (:mod:`kltrain.divergence.kernels`): row statistics
-(lse of both models, log π(token), D, and Σ π s) before ``loss_fn``, then G written over the
-policy's
-logits (or directly in bf16/fp16 for a native half head). Elsewhere (CPU, float64, user f, or
-``KLTRAIN_FUSED_CUDA=0``) the torch ops below run, unchanged.
+With fp32 accumulation and a built-in divergence (or none) the per-chunk elementwise work
+between the GEMMs runs as two fused steps (:mod:`kltrain.divergence.kernels`): row statistics
+(lse of both models, log π(token), D, and Σ π s) before ``loss_fn``, then G. On CUDA they are
+Triton kernels (G written over the policy's logits, or directly in bf16/fp16 for a native half
+head); on the CPU the same torch code compiled by inductor. Elsewhere (float64, a user f,
+``KLTRAIN_FUSED_CUDA=0`` / ``KLTRAIN_FUSED_CPU=0``) the torch ops below run, unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from torch import Tensor
 
 from kltrain.divergence import functions
 from kltrain.divergence.functions import Divergence, as_divergence
+from kltrain.divergence.kernels import cpu as chunked_cpu
 from kltrain.divergence.kernels import cuda as chunked_cuda
 
 
@@ -153,7 +154,10 @@ def _row_grads(loss_fn, rows: slice, logprobs: Tensor, d: Tensor | None):
 
 
 def _fused_ops(device: torch.device, acc: torch.dtype, div: Divergence | None):
-    """Fused kernels for the per-chunk elementwise work (CUDA, built-in divergences), or None."""
+    """Fused ops for the per-chunk elementwise work (built-in divergences): Triton kernels on
+    CUDA, compiled torch on the CPU; None where neither applies."""
+    if device.type == "cpu":
+        return chunked_cpu.chunk_ops(device, acc, div)
     return chunked_cuda.chunk_ops(device, acc, div)
 
 

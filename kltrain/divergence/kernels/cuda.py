@@ -18,7 +18,8 @@ bf16 on a GPU. Here it is two kernels, with the ``[c]``-sized ``loss_fn`` call b
 Same formulas as ``Divergence.token_terms``/``weighted_score`` in fp32 (MATH.md precision rule),
 so results agree with the torch path to fp32 rounding. Only the built-in divergence classes
 (exact type) have kernels; user f, float64 and non-CUDA tensors use the torch path.
-:class:`TorchChunkOps` is the same two-step computation in torch, used to test the wiring on CPU.
+:class:`TorchChunkOps` is the same two-step computation in torch: the reference the kernels are
+tested against, and what :mod:`.cpu` compiles for the CPU.
 """
 
 from __future__ import annotations
@@ -34,31 +35,51 @@ from kltrain.divergence.kernels.ids import KernelId, kernel_id
 ENV_SWITCH = "KLTRAIN_FUSED_CUDA"  # "0" turns the fused kernels off (the torch path runs)
 
 
+def _lse_and_mean(z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row: logsumexp(z) and E_softmax(z)[x], from the one exp per entry they share
+    (``m + log Σ e^(z−m)`` and ``Σ e^(z−m) x / Σ e^(z−m)``; the compiled CPU ops fuse both sums
+    into one pass)."""
+    m = z.amax(-1, keepdim=True)
+    e = torch.exp(z - m)
+    total = e.sum(-1)
+    return m.squeeze(-1) + total.log(), (e * x).sum(-1) / total
+
+
 class TorchChunkOps:
     """The kernels' computation in torch (reference for tests; works on any device)."""
 
     def stats(self, z: Tensor, zq: Tensor | None, tok: Tensor, div: Divergence | None):
-        """-> (log π(token) [c], D [c] or None, aux) with aux = (lse, lse_ref, D, S) per row."""
+        """-> (log π(token) [c], D [c] or None, aux) with aux = (lse, lse_ref, D, S) per row.
+
+        KL(π‖π_ref) = E_π[z − zq] − lse + lse_ref; KL(π_ref‖π) likewise with the roles swapped."""
         k = kernel_id(div)
-        lse = torch.logsumexp(z, -1)
+        s = None
+        if k == KernelId.REVERSE_KL:
+            lse, mean = _lse_and_mean(z, z - zq)
+            lseq = torch.logsumexp(zq, -1)
+            d = mean - lse + lseq
+        elif k == KernelId.FORWARD_KL:
+            lseq, mean = _lse_and_mean(zq, zq - z)
+            lse = torch.logsumexp(z, -1)
+            d = mean - lseq + lse
+        else:
+            lse = torch.logsumexp(z, -1)
         lp = z.gather(1, tok[:, None]).squeeze(1) - lse
         if k == KernelId.NONE:
             return lp, None, (lse, None, None, None)
-        lseq = torch.logsumexp(zq, -1)
-        logp, logq = z - lse[:, None], zq - lseq[:, None]
-        if k == KernelId.REVERSE_KL:
-            d = (torch.softmax(z, -1) * (z - zq)).sum(-1) - lse + lseq
-            s = None
-        elif k == KernelId.FORWARD_KL:
-            d = (torch.softmax(zq, -1) * (zq - z)).sum(-1) - lseq + lse
-            s = None
-        else:
-            d = div.token_terms(logp, logq).sum(-1)
-            s = div.weighted_score(logp, logq).sum(-1)
+        if k not in (KernelId.REVERSE_KL, KernelId.FORWARD_KL):
+            lseq = torch.logsumexp(zq, -1)
+            logp, logq = z - lse[:, None], zq - lseq[:, None]
+            terms, score = div.terms_and_score(logp, logq)
+            d, s = terms.sum(-1), score.sum(-1)
         return lp, d, (lse, lseq, d, s)
 
     def grad(self, z, zq, tok, aux, a, b, out, div):
         """G = b·∂D/∂z − a·π + a·onehot(token), written into ``out`` ([c, V], any float dtype)."""
+        return out.copy_(self.grad_values(z, zq, tok, aux, a, b, div))
+
+    def grad_values(self, z, zq, tok, aux, a, b, div) -> Tensor:
+        """G as a new ``[c, V]`` tensor, in ``z``'s dtype."""
         k = kernel_id(div)
         lse, lseq, d, s = aux
         logp = z - lse[:, None]
@@ -73,8 +94,7 @@ class TorchChunkOps:
             else:
                 dz = div.weighted_score(logp, logq) - p * s[:, None]
             g = g + b[:, None] * dz
-        g = g.scatter_add(1, tok[:, None], a[:, None].to(g.dtype))
-        return out.copy_(g)
+        return g.scatter_add_(1, tok[:, None], a[:, None].to(g.dtype))
 
 
 def _triton_ok() -> bool:
