@@ -386,7 +386,7 @@ def use_fused_ops(monkeypatch, ops):
 
     calls = []
 
-    def fused_ops(device, acc, div):
+    def fused_ops(device, acc, div, tokens):
         if acc != torch.float32 or chunked_cuda.kernel_id(div) is None:
             return None
         calls.append(div)
@@ -467,7 +467,7 @@ def test_cpu_compiled_ops_match_plain_path(monkeypatch, name, p):
 
     monkeypatch.setenv(cpu.ENV_SWITCH, "1")  # the suite's default is off (tests/conftest.py)
     div = None if name is None else get_divergence(name, **p)
-    ops = _fused_ops(torch.device("cpu"), torch.float32, div)
+    ops = _fused_ops(torch.device("cpu"), torch.float32, div, 1)  # "1": at any token count
     assert isinstance(ops, cpu.CompiledChunkOps)
     global N, V
     old = N, V
@@ -480,23 +480,33 @@ def test_cpu_compiled_ops_match_plain_path(monkeypatch, name, p):
         N, V = old
 
 
-def test_cpu_compiled_ops_only_for_fp32_builtins_and_not_when_switched_off(monkeypatch):
+def test_cpu_compiled_ops_only_for_fp32_builtins_enough_tokens_or_when_asked(monkeypatch):
     from kltrain.divergence.functions import ReverseKL
     from kltrain.divergence.kernels import cpu
 
     class Custom(ReverseKL):
         pass
 
+    def ops(div, tokens=cpu.MIN_TOKENS, dtype=torch.float32, device="cpu"):
+        return cpu.chunk_ops(torch.device(device), dtype, div, tokens)
+
+    js = get_divergence("js")
+    monkeypatch.setenv(cpu.ENV_SWITCH, "auto")
+    assert isinstance(ops(js), cpu.CompiledChunkOps)
+    assert ops(js, tokens=cpu.MIN_TOKENS - 1) is None  # too small to pay for compiling
+    assert ops(js, dtype=torch.float64) is None
+    assert ops(Custom()) is None
+    assert ops(js, device="cuda") is None
+    half = ops(get_divergence("alpha", alpha=0.5))
+    assert half is ops(get_divergence("alpha", alpha=0.5))
+    assert half is not ops(get_divergence("alpha", alpha=1.5))
     monkeypatch.setenv(cpu.ENV_SWITCH, "1")
-    host = torch.device("cpu")
-    assert cpu.chunk_ops(host, torch.float64, get_divergence("js")) is None
-    assert cpu.chunk_ops(host, torch.float32, Custom()) is None
-    assert cpu.chunk_ops(torch.device("cuda"), torch.float32, get_divergence("js")) is None
-    half = cpu.chunk_ops(host, torch.float32, get_divergence("alpha", alpha=0.5))
-    assert half is cpu.chunk_ops(host, torch.float32, get_divergence("alpha", alpha=0.5))
-    assert half is not cpu.chunk_ops(host, torch.float32, get_divergence("alpha", alpha=1.5))
+    assert isinstance(ops(js, tokens=1), cpu.CompiledChunkOps)
     monkeypatch.setenv(cpu.ENV_SWITCH, "0")
-    assert cpu.chunk_ops(host, torch.float32, get_divergence("js")) is None
+    assert ops(js) is None
+    monkeypatch.setenv(cpu.ENV_SWITCH, "yes")
+    with pytest.raises(ValueError, match="KLTRAIN_FUSED_CPU='yes': use auto"):
+        ops(js)
 
 
 def test_a_failed_cpu_compilation_says_why_and_names_the_switch(monkeypatch):

@@ -69,9 +69,9 @@ def test_two_steps_write_the_run_folder(tiny_model, tmp_path, algorithm, placeme
 def test_compiled_cpu_lm_head_ops_train_the_measured_divergence(
     tiny_model, tmp_path, monkeypatch, divergence
 ):
-    """``kltrain fit``'s CPU default (the suite runs the torch ops, tests/conftest.py): the
-    compiled ops compute the trained exact divergence, which must equal the one the loop
-    measures with torch ops, at the test above's bound."""
+    """The compiled CPU ops (``kltrain fit`` uses them from 512 tokens a call; the tiny steps
+    are smaller, so forced on here) compute the trained exact divergence, which must equal the
+    one the loop measures with torch ops, at the test above's bound."""
     from kltrain.divergence.kernels import cpu
 
     monkeypatch.setenv(cpu.ENV_SWITCH, "1")

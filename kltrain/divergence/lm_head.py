@@ -17,8 +17,9 @@ With fp32 accumulation and a built-in divergence (or none) the per-chunk element
 between the GEMMs runs as two fused steps (:mod:`kltrain.divergence.kernels`): row statistics
 (lse of both models, log π(token), D, and Σ π s) before ``loss_fn``, then G. On CUDA they are
 Triton kernels (G written over the policy's logits, or directly in bf16/fp16 for a native half
-head); on the CPU the same torch code compiled by inductor. Elsewhere (float64, a user f,
-``KLTRAIN_FUSED_CUDA=0`` / ``KLTRAIN_FUSED_CPU=0``) the torch ops below run, unchanged.
+head); on the CPU the same torch code compiled by inductor, for calls of ≥ 512 tokens.
+Elsewhere (float64, a user f, fewer tokens on the CPU, ``KLTRAIN_FUSED_CUDA=0`` /
+``KLTRAIN_FUSED_CPU=0``) the torch ops below run, unchanged.
 """
 
 from __future__ import annotations
@@ -153,11 +154,11 @@ def _row_grads(loss_fn, rows: slice, logprobs: Tensor, d: Tensor | None):
     return loss.detach(), grads[0], (grads[1] if dv is not None else None)
 
 
-def _fused_ops(device: torch.device, acc: torch.dtype, div: Divergence | None):
+def _fused_ops(device: torch.device, acc: torch.dtype, div: Divergence | None, tokens: int):
     """Fused ops for the per-chunk elementwise work (built-in divergences): Triton kernels on
-    CUDA, compiled torch on the CPU; None where neither applies."""
+    CUDA, compiled torch on the CPU (for ``tokens`` enough to pay); None where neither applies."""
     if device.type == "cpu":
-        return chunked_cpu.chunk_ops(device, acc, div)
+        return chunked_cpu.chunk_ops(device, acc, div, tokens)
     return chunked_cuda.chunk_ops(device, acc, div)
 
 
@@ -175,7 +176,7 @@ class _FusedTokenLoss(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         need_any = need_h or need_w or need_b
-        fast = _fused_ops(hidden.device, acc, div)
+        fast = _fused_ops(hidden.device, acc, div, hidden.shape[0])
         # [chunk, V] buffers reused by every chunk: scratch, and the policy's and reference's
         # log-probs (which the divergence's in-place update turns into π and ∂D/∂z). A native
         # half-precision head returns fresh logits instead (CUDA's caching allocator reuses them).
