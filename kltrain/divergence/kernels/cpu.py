@@ -4,9 +4,8 @@ The same two steps as the CUDA kernels (:mod:`.cuda`): ``stats`` (per-row lse of
 log π(token), D and S = Σ_v π_v s_v) before the ``[c]``-sized ``loss_fn`` call, then ``grad``
 (G = b·∂D/∂z − a·π + a·onehot(token)). Each is :class:`.cuda.TorchChunkOps`' torch code, compiled
 once per divergence by inductor into vectorised C++ loops: a few passes over the ``[c, V]``
-logits instead of the torch path's twenty-odd, and no ``[c, V]`` temporaries (the gradient is
-written over the policy's logits). Same formulas, so the values agree with the torch path to
-fp32 rounding.
+logits instead of the torch path's twenty-odd, and one ``[c, V]`` result (G) as the only
+temporary. Same formulas, so the values agree with the torch path to fp32 rounding.
 
 Used for fp32 accumulation and the built-in divergences (or none), as the CUDA kernels, on
 calls over at least :data:`MIN_TOKENS` tokens (``KLTRAIN_FUSED_CPU``: ``auto``, the default;

@@ -53,7 +53,7 @@ class TorchChunkOps:
 
         KL(π‖π_ref) = E_π[z − zq] − lse + lse_ref; KL(π_ref‖π) likewise with the roles swapped."""
         k = kernel_id(div)
-        s = None
+        lseq = d = s = None
         if k == KernelId.REVERSE_KL:
             lse, mean = _lse_and_mean(z, z - zq)
             lseq = torch.logsumexp(zq, -1)
@@ -64,14 +64,12 @@ class TorchChunkOps:
             d = mean - lseq + lse
         else:
             lse = torch.logsumexp(z, -1)
+            if k != KernelId.NONE:
+                lseq = torch.logsumexp(zq, -1)
+                logp, logq = z - lse[:, None], zq - lseq[:, None]
+                terms, score = div.terms_and_score(logp, logq)
+                d, s = terms.sum(-1), score.sum(-1)
         lp = z.gather(1, tok[:, None]).squeeze(1) - lse
-        if k == KernelId.NONE:
-            return lp, None, (lse, None, None, None)
-        if k not in (KernelId.REVERSE_KL, KernelId.FORWARD_KL):
-            lseq = torch.logsumexp(zq, -1)
-            logp, logq = z - lse[:, None], zq - lseq[:, None]
-            terms, score = div.terms_and_score(logp, logq)
-            d, s = terms.sum(-1), score.sum(-1)
         return lp, d, (lse, lseq, d, s)
 
     def grad(self, z, zq, tok, aux, a, b, out, div):
