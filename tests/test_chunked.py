@@ -512,17 +512,22 @@ def test_cpu_compiled_ops_only_for_fp32_builtins_enough_tokens_or_when_asked(mon
 def test_a_failed_cpu_compilation_says_why_and_names_the_switch(monkeypatch):
     from kltrain.divergence.kernels import cpu
 
-    def no_compiler(fn, **kwargs):
+    def grad_fails_to_compile(fn, **kwargs):
+        if fn.__name__.startswith("stats"):
+            return fn  # the statistics "compile"; the gradient step's compilation fails
+
         def run(*args):
             raise OSError("g++: command not found")
 
         return run
 
-    monkeypatch.setattr(cpu.torch, "compile", no_compiler)
-    ops = cpu.CompiledChunkOps(get_divergence("js"))
-    z = torch.randn(3, 5)
+    monkeypatch.setattr(cpu.torch, "compile", grad_fails_to_compile)
+    div = get_divergence("js")
+    ops = cpu.CompiledChunkOps(div)
+    z, tok = torch.randn(3, 5), torch.zeros(3, dtype=torch.long)
+    _, _, aux = ops.stats(z, z, tok, div)
     with pytest.raises(RuntimeError, match="KLTRAIN_FUSED_CPU=0") as info:
-        ops.stats(z, z, torch.zeros(3, dtype=torch.long), None)
+        ops.grad(z, z, tok, aux, torch.ones(3), torch.ones(3), None, div)
     assert "g++: command not found" in str(info.value)
 
 

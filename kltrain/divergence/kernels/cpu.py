@@ -50,7 +50,7 @@ class CompiledChunkOps:
         tag = f"{kernel_id(div).name.lower()}_{alpha_of(div)}".replace(".", "_").replace("-", "m")
         self._stats = torch.compile(_own_code(stats, f"stats_{tag}"), dynamic=True)
         self._grad = torch.compile(_own_code(grad, f"grad_{tag}"), dynamic=True)
-        self._compiled = False
+        self._compiled: set = set()  # the steps whose first call (compilation) succeeded
 
     def stats(self, z: Tensor, zq: Tensor | None, tok: Tensor, div: Divergence | None):
         """-> (log π(token) [c], D [c] or None, aux), as :meth:`TorchChunkOps.stats`."""
@@ -65,7 +65,7 @@ class CompiledChunkOps:
         return self._first_call(self._grad, z, zq, tok, aux, a, b)
 
     def _first_call(self, fn, *args):
-        if self._compiled:
+        if fn in self._compiled:
             return fn(*args)
         try:
             out = fn(*args)
@@ -74,7 +74,7 @@ class CompiledChunkOps:
                 f"compiling the fused CPU lm_head ops failed ({type(err).__name__}: {err}); "
                 f"inductor needs a working C++ compiler. Set {ENV_SWITCH}=0 to use the torch ops."
             ) from err
-        self._compiled = True
+        self._compiled.add(fn)
         return out
 
 
