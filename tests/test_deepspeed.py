@@ -31,7 +31,6 @@ Tolerances (fp32; ``tests/conftest.py`` has the error model):
 from __future__ import annotations
 
 import copy
-import os
 import sys
 
 import pytest
@@ -411,14 +410,13 @@ def test_deepspeed_engines_over_two_cpu_processes_match_plain_adamw(tmp_path):
     the gradient is the average of the processes' and the step is the whole batch's."""
     import subprocess
 
-    from tests.helpers.resume_runs import child_pythonpath
+    from tests.helpers.launch import assert_launch_ok, child_env
 
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
         *("--master_port", str(free_port()), "tests/helpers/deepspeed_worker.py"),
     ]
-    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "OMP_NUM_THREADS": "1"}
-    env["TOKENIZERS_PARALLELISM"] = "false"
+    env = child_env(OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert_launch_ok(done)
     assert "rank 0 ok" in done.stdout and "rank 1 ok" in done.stdout

@@ -10,7 +10,6 @@ costs seconds on this CPU), so the tests share a module fixture.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,8 @@ from kltrain.training.distributed import (
     refuse_requested_deepspeed,
 )
 from tests.conftest import TINY_STEP_ONE_TOL
-from tests.helpers.resume_runs import FSDP2_ENV, REPO, ZERO2_ENV, ZERO3_ENV, child_pythonpath
+from tests.helpers.launch import assert_launch_ok, child_env
+from tests.helpers.resume_runs import FSDP2_ENV, REPO, ZERO2_ENV, ZERO3_ENV
 from tests.helpers.tiny import loop_config_raw, make_tiny_model_dir, update_sections
 
 #: Per-step metrics: |a − b| ≤ METRIC_RTOL·max(|a|, |b|) + METRIC_ATOL. The runs differ only in
@@ -225,16 +225,10 @@ def _launch(root: Path, world: int, configs: list[Path], tag: str, env: dict | N
             str(free_port()),
             *module,
         ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": child_pythonpath(),
-        "OMP_NUM_THREADS": "1",  # as torchrun sets it, so both launches run the same kernels
-        "OMP_WAIT_POLICY": "PASSIVE",
-        "TOKENIZERS_PARALLELISM": "false",
-        **(env or {}),
-    }
+    # OMP_NUM_THREADS as torchrun sets it, so both launches run the same kernels
+    env = child_env(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", **(env or {}))
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert_launch_ok(done)
 
 
 @pytest.fixture(scope="module")
@@ -568,10 +562,10 @@ def test_kltrain_fit_num_processes_starts_that_many_in_one_group(tmp_path):
     raw["trainer"]["max_steps"] = 1
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env()
     command = [sys.executable, "-m", "kltrain", "fit", str(config), "--num-processes", "2"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert_launch_ok(done)
     assert "kltrain: world_size 2 (engine ddp, " in done.stdout
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["world_size"] == 2
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
@@ -591,7 +585,7 @@ def test_kltrain_fit_with_the_shipped_fsdp_config_runs_fsdp2(tmp_path):
     raw["model"]["gradient_checkpointing"] = True
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env()
     fsdp_file = str(ACCELERATE_CONFIGS / "fsdp.yaml")
     command = [sys.executable, "-m", "kltrain", "fit", str(config), "--num-processes", "2"]
     command += ["--accelerate-config", fsdp_file]
@@ -612,7 +606,7 @@ def test_kltrain_fit_with_the_shipped_fsdp_config_runs_fsdp2(tmp_path):
 def _assert_ran_on_two_processes(done: subprocess.CompletedProcess, run: Path, engine: str):
     """A finished ``kltrain fit`` that said, and recorded in config.yaml, world size 2 and
     ``engine``, in one gloo group."""
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert_launch_ok(done)
     assert f"kltrain: world_size 2 (engine {engine}, backend gloo" in done.stdout
     recorded = yaml.safe_load((run / "config.yaml").read_text())
     assert (recorded["world_size"], recorded["engine"]) == (2, engine)
@@ -650,7 +644,7 @@ def _assert_resumes_bit_exact_then_refused_on_ddp(
     config_resumed.write_text(yaml.safe_dump(raw))
     checkpoint_1 = resumed / "checkpoints" / first.name
     done = _kltrain_fit(config_resumed, *engine_args, "--resume", str(checkpoint_1))
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert_launch_ok(done)
     again = resumed / "checkpoints" / last.name
     for name in ("optimizer/process-00000.pt", "optimizer/process-00001.pt", "scheduler.pt"):
         assert_equal_nested(
@@ -666,7 +660,7 @@ def _assert_resumes_bit_exact_then_refused_on_ddp(
 
 
 def _kltrain_fit(config: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env()
     command = [sys.executable, "-m", "kltrain", "fit", str(config), "--num-processes", "2", *args]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -748,8 +742,7 @@ def test_kltrain_fit_with_the_shipped_deepspeed_zero3_config_matches_one_process
     raw_one = {**raw, "trainer": {**raw["trainer"], "output_dir": str(tmp_path / "one")}}
     config_one = tmp_path / "one.yaml"
     config_one.write_text(yaml.safe_dump(raw_one))
-    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "TOKENIZERS_PARALLELISM": "false"}
-    env["OMP_NUM_THREADS"] = "1"  # as the launcher sets it, so both run the same kernels
+    env = child_env(OMP_NUM_THREADS="1")  # as the launcher sets it: both run the same kernels
     one = subprocess.run(
         [sys.executable, "-m", "kltrain", "fit", str(config_one)],
         cwd=REPO,
@@ -758,7 +751,7 @@ def test_kltrain_fit_with_the_shipped_deepspeed_zero3_config_matches_one_process
         text=True,
         timeout=600,
     )
-    assert one.returncode == 0, one.stderr[-4000:]
+    assert_launch_ok(one)
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("eval/")} for r in rows]  # noqa: E731
     _assert_metrics_close(strip(_metrics(tmp_path / "one")), strip(_metrics(run)))
     initial = load(str(model_dir / "model.safetensors"))
@@ -803,11 +796,11 @@ def test_deepspeed_skips_an_update_with_a_non_finite_loss_or_gradient(tmp_path, 
     config.write_text(yaml.safe_dump(raw))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--master_port", str(free_port()), "-m", "tests.helpers.zero2_skip", str(config)]
-    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env()
     done = subprocess.run(
         command, cwd=REPO, env={**env, **engine_env}, capture_output=True, text=True, timeout=600
     )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert_launch_ok(done)
     assert f"engine deepspeed_zero{stage}" in done.stdout
     moved = json.loads((tmp_path / "run" / "moved.json").read_text())
     assert moved == {"1": True, "2": False, "3": False}

@@ -268,7 +268,7 @@ def run_processes(
     request = json.dumps({"argv": argv, "kill": kill, "log": str(log) if log else None})
     extra = env or {}
     env = {**os.environ, "PYTHONPATH": child_pythonpath(), "OMP_WAIT_POLICY": "PASSIVE", **extra}
-    env["TOKENIZERS_PARALLELISM"] = "false"
+    env.update(TOKENIZERS_PARALLELISM="false", PYTHONFAULTHANDLER="1")  # a signal prints stacks
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     command += ["--master_port", str(free_port()), "-m", "tests.helpers.resume_runs", "--direct"]
     with open(log or os.devnull, "a") as out:

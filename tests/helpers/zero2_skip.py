@@ -14,6 +14,7 @@ import torch
 
 from kltrain.config import load_config
 from kltrain.training.trainer import Trainer
+from tests.helpers.launch import exit_launched_process
 
 
 def main(config: str) -> None:
@@ -41,6 +42,7 @@ def main(config: str) -> None:
     trainer.fit()
     if trainer.accelerator.is_main_process:
         (Path(trainer.output_dir) / "moved.json").write_text(json.dumps(moved))
+    exit_launched_process()
 
 
 if __name__ == "__main__":
