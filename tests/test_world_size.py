@@ -796,10 +796,8 @@ def test_deepspeed_skips_an_update_with_a_non_finite_loss_or_gradient(tmp_path, 
     config.write_text(yaml.safe_dump(raw))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--master_port", str(free_port()), "-m", "tests.helpers.zero2_skip", str(config)]
-    env = child_env()
-    done = subprocess.run(
-        command, cwd=REPO, env={**env, **engine_env}, capture_output=True, text=True, timeout=600
-    )
+    env = child_env(**engine_env)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert_launch_ok(done)
     assert f"engine deepspeed_zero{stage}" in done.stdout
     moved = json.loads((tmp_path / "run" / "moved.json").read_text())

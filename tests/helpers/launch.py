@@ -3,7 +3,7 @@ environment, and what a failed one reports.
 
 A multi-process launch that fails prints torchrun's summary last ("rank 1 exitcode -6"), and
 a plain tail of the output keeps only that: the rank's own error, printed first, is lost. The
-report below keeps every error block of every rank, then the tail.
+report below gives the tail, then every error block of every rank, the first one last.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
-from tests.helpers.resume_runs import child_pythonpath
+REPO = Path(__file__).resolve().parents[2]
 
 # Lines that open what a failing process printed about itself: a Python traceback, a fatal
 # signal's stack (faulthandler), a C++ exception that ended in std::terminate (gloo's own).
@@ -21,6 +22,13 @@ _ERROR_START = re.compile(
     r"Traceback \(most recent call last\)|Fatal Python error|terminate called|what\(\):"
     r"|Aborted|Segmentation fault|Error: "
 )
+
+
+def child_pythonpath() -> str:
+    """This checkout first, then whatever PYTHONPATH the parent had (kept: it may carry the
+    dependencies, as on machines that install them outside the interpreter)."""
+    parent = os.environ.get("PYTHONPATH")
+    return os.pathsep.join([str(REPO), parent] if parent else [str(REPO)])
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -45,15 +53,14 @@ def failure_report(
     repetition of a fixture's error over every test show only the end of the message, and
     the first error is most often the cause of the others."""
     lines = f"{done.stdout or ''}\n{done.stderr or ''}".splitlines()
-    keep = [False] * len(lines)
+    blocks: list[list[str]] = []
+    open_until = -1  # index past the last line of the block being collected
     for i, line in enumerate(lines):
         if _ERROR_START.search(line):
-            keep[i : i + block_lines] = [True] * len(keep[i : i + block_lines])
-    blocks: list[list[str]] = []
-    for i, line in enumerate(lines):
-        if keep[i]:
-            if i == 0 or not keep[i - 1]:
+            if i >= open_until:
                 blocks.append([])
+            open_until = i + block_lines
+        if i < open_until:
             blocks[-1].append(line)
     errors = "\n----\n".join("\n".join(b) for b in reversed(blocks))[-most:]
     stderr_tail = (done.stderr or "")[-tail:]

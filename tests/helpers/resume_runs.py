@@ -32,14 +32,7 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def child_pythonpath() -> str:
-    """This checkout first, then whatever PYTHONPATH the parent had (kept: it may carry the
-    dependencies, as on machines that install them outside the interpreter)."""
-    parent = os.environ.get("PYTHONPATH")
-    return os.pathsep.join([str(REPO), parent] if parent else [str(REPO)])
+from tests.helpers.launch import REPO, child_env, child_pythonpath
 
 
 def _install_kill(kill: dict[str, Any]) -> None:
@@ -266,9 +259,7 @@ def run_processes(
     from kltrain.training.distributed import free_port
 
     request = json.dumps({"argv": argv, "kill": kill, "log": str(log) if log else None})
-    extra = env or {}
-    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "OMP_WAIT_POLICY": "PASSIVE", **extra}
-    env.update(TOKENIZERS_PARALLELISM="false", PYTHONFAULTHANDLER="1")  # a signal prints stacks
+    env = child_env(**{"OMP_WAIT_POLICY": "PASSIVE", **(env or {})})
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     command += ["--master_port", str(free_port()), "-m", "tests.helpers.resume_runs", "--direct"]
     with open(log or os.devnull, "a") as out:
