@@ -171,7 +171,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
     if args.num_processes is not None and args.num_processes != 1:
         return _launch(args, cfg)
-    from kltrain.training.distributed import leave_process_group
+    from kltrain.training.distributed import exit_launched_process, leave_process_group
     from kltrain.training.preemption import Preempted
     from kltrain.training.trainer import Trainer, TrainingStopped
 
@@ -183,7 +183,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             config_path=args.config,
         ).fit()
-        leave_process_group()  # a finished run only: after an error a peer may never arrive
+        # a finished run only: after an error a peer may never arrive
+        if leave_process_group():
+            exit_launched_process(0)
     except TrainingStopped as err:
         print(f"kltrain: stopped: {err}", file=sys.stderr)
         return EXIT_STOPPED

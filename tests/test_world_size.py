@@ -895,3 +895,24 @@ def test_zero3_settings_partition_and_refuse_what_kltrain_does_not_honour(monkey
     ds["zero_optimization"]["stage3_prefetch_bucket_size"] = "auto"
     (tmp_path / "ds.json").write_text(json_.dumps(ds))
     assert ZeroSettings.from_accelerate("no", None, 4, world=2).stage == 3
+
+
+def test_exit_launched_process_runs_exit_handlers_then_exits_with_its_code(tmp_path):
+    """The end of a finished multi-process run: Python's atexit handlers (a tracker's flush)
+    still run and print, stdio is flushed, and the code given is the exit code; the native
+    teardown that aborted 1 launch in ~90 is skipped (os._exit), so nothing after it runs."""
+    marker = tmp_path / "handler-ran"
+    script = (
+        "import atexit, pathlib, sys\n"
+        "from kltrain.training.distributed import exit_launched_process\n"
+        f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+        "print('buffered line', end='')\n"
+        "exit_launched_process(3)\n"
+        "print('unreachable')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=child_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "buffered line"
+    assert marker.read_text() == "yes"

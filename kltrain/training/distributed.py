@@ -11,10 +11,12 @@ asked for. ``kltrain fit --num-processes N`` and the commands in the README avoi
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import sys
 from contextlib import AbstractContextManager, nullcontext
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -166,13 +168,31 @@ def launch_command(
     ]
 
 
-def leave_process_group() -> None:
+def leave_process_group() -> bool:
     """At the end of a launched process: wait for every process, then close the group, so that no
-    process exits while a peer still holds its connections open (gloo may then abort the peer,
-    SIGABRT, after a run that finished; NCCL warns of a group never destroyed)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    process exits while a peer still holds its connections open (NCCL warns of a group never
+    destroyed). True when there was a group to leave."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier()
+    dist.destroy_process_group()
+    return True
+
+
+def exit_launched_process(code: int = 0) -> NoReturn:
+    """End a process of a multi-process launch that has left its group: Python's exit handlers
+    run (trackers flush, logs close), stdio is flushed, then ``os._exit(code)``.
+
+    Why not a normal exit: about 1 launch in 90 on CPU (3 of 275 repeated test launches, and
+    twice in CI, DDP, ZeRO-3 and ``kltrain fit`` alike) aborted after the run had written
+    everything: ``terminate called without an active exception`` with no Python frame, a
+    native thread still joinable while the interpreter tore down. The launcher then reports
+    the finished run as failed (exit 134/SIGABRT). Skipping only that native teardown keeps
+    every Python-level clean-up."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def free_port() -> int:

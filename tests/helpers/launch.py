@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,19 +73,3 @@ def assert_launch_ok(done: subprocess.CompletedProcess) -> None:
     """A launched command that exited 0, else its :func:`failure_report`."""
     if done.returncode != 0:
         raise AssertionError(failure_report(done))
-
-
-def exit_launched_process() -> None:
-    """End a finished torchrun child at once: leave the process group, flush, ``os._exit(0)``.
-
-    About 1 launch in 90 of the world-size runs (3 in 275 repeated launches, and once in CI)
-    died after every run had written its files: ``terminate called without an active
-    exception`` with no Python frame, i.e. a C++ thread object still joinable while the
-    interpreter tore down its globals. Exiting here skips that teardown; nothing the tests read
-    is written after this point."""
-    from kltrain.training.distributed import leave_process_group
-
-    leave_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

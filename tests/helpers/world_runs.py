@@ -18,8 +18,8 @@ import torch
 from accelerate.utils import gather_object
 
 from kltrain.config import load_config
+from kltrain.training.distributed import exit_launched_process, leave_process_group
 from kltrain.training.trainer import Trainer
-from tests.helpers.launch import exit_launched_process
 
 
 def _record_token_ids(trainer: Trainer) -> None:
@@ -83,6 +83,7 @@ def main(spec_path: str) -> None:
         _record_token_ids(trainer)
         _record_module_shards(trainer)
         trainer.fit()
+    leave_process_group()
     exit_launched_process()
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from kltrain.config import load_config
+from kltrain.training.distributed import exit_launched_process, leave_process_group
 from kltrain.training.trainer import Trainer
-from tests.helpers.launch import exit_launched_process
 
 
 def main(config: str) -> None:
@@ -42,6 +42,7 @@ def main(config: str) -> None:
     trainer.fit()
     if trainer.accelerator.is_main_process:
         (Path(trainer.output_dir) / "moved.json").write_text(json.dumps(moved))
+    leave_process_group()
     exit_launched_process()
 
 
