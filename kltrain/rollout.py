@@ -24,6 +24,7 @@ from transformers import LogitsProcessorList
 from kltrain.config import GenerationConfig
 from kltrain.divergence.functions import Divergence
 from kltrain.divergence.lm_head import token_stats
+from kltrain.models.cpu_linear import onednn_linears
 from kltrain.models.loading import Models
 from kltrain.models.logits import final_hidden_states, last_position_hidden, lm_head_params
 from kltrain.models.sampling import PerSampleGumbel
@@ -138,9 +139,10 @@ def generate(
             gumbel = PerSampleGumbel(list(seeds[sl]), temperature, top_k, top_p, device)
             sampling |= {"do_sample": False, "logits_processor": LogitsProcessorList([gumbel])}
             sampling |= {"temperature": None, "top_k": None, "top_p": None}
-        prompt_cache = _shared_prompt_cache(policy, prompt_ids[sl], prompt_mask[sl])
         recording = last_position_hidden(policy) if hidden_out is not None else nullcontext([])
-        with recording as steps:
+        with onednn_linears(policy):
+            prompt_cache = _shared_prompt_cache(policy, prompt_ids[sl], prompt_mask[sl])
+        with onednn_linears(policy), recording as steps:
             out = policy.generate(
                 input_ids=prompt_ids[sl],
                 attention_mask=prompt_mask[sl],
@@ -342,44 +344,45 @@ def measure(
     _, ref_b = tempered(None, ref_b, temperature)
     parts: list[dict[str, Tensor]] = []
     ref_hiddens, policy_hiddens = [], []
-    for start in range(0, rollout.num_sequences, micro_batch_size):
-        sl = slice(start, start + micro_batch_size)
-        ids, att = rollout.input_ids[sl], rollout.attention_mask[sl]
-        mask = rollout.completion_mask[sl]
-        if sampled_hidden is None:
-            h = completion_hidden(models.policy, ids, att, rollout.prompt_length)
-        else:
-            h = sampled_hidden[sl]
-        with models.reference_context():
-            h_ref = completion_hidden(models.reference_model, ids, att, rollout.prompt_length)
-        flat = token_stats(
-            tempered(h[mask], None, temperature)[0],
-            policy_w,
-            rollout.completion_ids[sl][mask],
-            ref_hidden=tempered(h_ref[mask], None, temperature)[0],
-            ref_weight=ref_w,
-            divergences=divergences,
-            chunk_size=chunk_size,
-            policy_bias=policy_b,
-            ref_bias=ref_b,
-        )
-        if proposal is not None:
-            q_w, q_b = lm_head_params(proposal)
-            h_q = completion_hidden(proposal, ids, att, rollout.prompt_length)
-            q_h, q_b = tempered(h_q[mask], q_b, temperature)
-            q_stats = token_stats(
-                q_h,
-                q_w,
+    with onednn_linears(models.policy, models.reference_model, proposal):
+        for start in range(0, rollout.num_sequences, micro_batch_size):
+            sl = slice(start, start + micro_batch_size)
+            ids, att = rollout.input_ids[sl], rollout.attention_mask[sl]
+            mask = rollout.completion_mask[sl]
+            if sampled_hidden is None:
+                h = completion_hidden(models.policy, ids, att, rollout.prompt_length)
+            else:
+                h = sampled_hidden[sl]
+            with models.reference_context():
+                h_ref = completion_hidden(models.reference_model, ids, att, rollout.prompt_length)
+            flat = token_stats(
+                tempered(h[mask], None, temperature)[0],
+                policy_w,
                 rollout.completion_ids[sl][mask],
+                ref_hidden=tempered(h_ref[mask], None, temperature)[0],
+                ref_weight=ref_w,
+                divergences=divergences,
                 chunk_size=chunk_size,
-                policy_bias=q_b,
+                policy_bias=policy_b,
+                ref_bias=ref_b,
             )
-            flat["proposal_logprobs"] = q_stats["logprobs"]
-        parts.append({k: scatter_tokens(v, mask) for k, v in flat.items()})
-        if keep_ref_hidden:
-            ref_hiddens.append(h_ref * mask.unsqueeze(-1))
-        if keep_policy_hidden:
-            policy_hiddens.append(h * mask.unsqueeze(-1))
+            if proposal is not None:
+                q_w, q_b = lm_head_params(proposal)
+                h_q = completion_hidden(proposal, ids, att, rollout.prompt_length)
+                q_h, q_b = tempered(h_q[mask], q_b, temperature)
+                q_stats = token_stats(
+                    q_h,
+                    q_w,
+                    rollout.completion_ids[sl][mask],
+                    chunk_size=chunk_size,
+                    policy_bias=q_b,
+                )
+                flat["proposal_logprobs"] = q_stats["logprobs"]
+            parts.append({k: scatter_tokens(v, mask) for k, v in flat.items()})
+            if keep_ref_hidden:
+                ref_hiddens.append(h_ref * mask.unsqueeze(-1))
+            if keep_policy_hidden:
+                policy_hiddens.append(h * mask.unsqueeze(-1))
     rollout.stats = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     rollout.ref_hidden = torch.cat(ref_hiddens) if keep_ref_hidden else None
     rollout.policy_hidden = torch.cat(policy_hiddens) if keep_policy_hidden else None

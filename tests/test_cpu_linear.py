@@ -1,0 +1,147 @@
+"""oneDNN's linear for no-grad CPU forwards (kltrain/models/cpu_linear.py): the same product as
+``torch.nn.functional.linear`` to fp32 rounding, autograd untouched, every plain Linear routed
+inside the context and restored after it, and sampling unchanged.
+
+Tolerances: each output is a dot product of ``in`` terms plus a bias; oneDNN and the float64
+reference each sum in their own order, so they differ by at most ``2·γ_in·Σ|x_k w_k|``
+(:func:`tests.conftest.reduction_order_tol`, plus one rounding of the bias add)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from kltrain.config import ModelConfig
+from kltrain.models.cpu_linear import ENV_SWITCH, linear, onednn_linear_available, onednn_linears
+from kltrain.models.loading import load_models
+from kltrain.models.sampling import sample_seed
+from kltrain.rollout import generate
+from tests.conftest import TINY_DEPTH, TINY_WIDTH, U32, gamma, reduction_order_tol
+from tests.helpers.tiny import make_tiny_model_dir
+
+pytestmark = pytest.mark.skipif(
+    not onednn_linear_available(), reason="this torch build has no oneDNN linear"
+)
+ONEDNN_OP = "mkldnn::_linear_pointwise"
+
+
+def ops_run(fn) -> set[str]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("shape", [(8, 96), (2, 5, 96), (1, 1, 96)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_is_the_product_to_fp32_rounding(shape, with_bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(40, 96, generator=g)
+    b = torch.randn(40, generator=g) if with_bias else None
+    with torch.no_grad():
+        got = linear(x, w, b)
+        ran = ops_run(lambda: linear(x, w, b))
+    assert ONEDNN_OP in ran
+    exact = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    abs_terms = x.double().abs() @ w.double().abs().t()
+    bound = reduction_order_tol(96, 1.0) * abs_terms + 2 * U32 * exact.abs()
+    assert got.shape == exact.shape and got.dtype == torch.float32
+    assert ((got.double() - exact).abs() <= bound).all()
+    # not the same numbers by accident of a no-op: the product itself is far from zero
+    assert exact.abs().max() > 1
+
+
+def test_linear_on_a_transposed_input():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(96, 6, generator=g).t()  # [6, 96], not contiguous
+    w = torch.randn(40, 96, generator=g)
+    with torch.no_grad():
+        got = linear(x, w, None)
+    exact = x.double() @ w.double().t()
+    bound = reduction_order_tol(96, 1.0) * (x.double().abs() @ w.double().abs().t())
+    assert ((got.double() - exact).abs() <= bound).all()
+
+
+def test_a_call_that_needs_a_gradient_is_torchs_own_linear():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 16, generator=g, requires_grad=True)
+    w = torch.randn(8, 16, generator=g, requires_grad=True)
+    y = linear(x, w, None)
+    assert ONEDNN_OP not in ops_run(lambda: linear(x, w, None))
+    assert torch.equal(y, torch.nn.functional.linear(x, w))
+    y.sum().backward()
+    x2, w2 = x.detach().requires_grad_(), w.detach().requires_grad_()
+    torch.nn.functional.linear(x2, w2).sum().backward()
+    assert torch.equal(x.grad, x2.grad) and torch.equal(w.grad, w2.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_dtypes_are_torchs_own_linear(dtype):
+    x, w = torch.ones(2, 8, dtype=dtype), torch.ones(3, 8, dtype=dtype)
+    with torch.no_grad():
+        assert ONEDNN_OP not in ops_run(lambda: linear(x, w, None))
+        assert torch.equal(linear(x, w, None), torch.full((2, 3), 8.0, dtype=dtype))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return load_models(ModelConfig(policy=str(make_tiny_model_dir(tmp_path_factory.mktemp("t")))))
+
+
+def pass_tol(reference: torch.Tensor) -> float:
+    """Two fp32 forwards of the tiny model that sum in different orders: each output runs
+    through TINY_DEPTH layers of ≤ TINY_WIDTH-term sums, so each pass is within
+    γ_(depth·width) of exact relative to the output's scale; twice that for the difference, × 4
+    for the normalisations and softmax that rescale errors between layers (a stated factor)."""
+    return 4 * 2 * gamma(TINY_DEPTH * TINY_WIDTH) * reference.abs().max().item()
+
+
+def linears(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+
+def test_the_context_routes_every_linear_once_and_restores_them(models):
+    policy, reference = models.policy, models.reference_model
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want = policy(ids).logits
+        with onednn_linears(policy, reference, policy) as routed:
+            assert routed == len(linears(policy)) + len(linears(reference))
+            assert all("forward" in m.__dict__ for m in linears(policy))
+            with onednn_linears(policy) as nested:  # already routed: left to the outer block
+                assert nested == 0
+            assert ONEDNN_OP in ops_run(lambda: policy(ids))
+            got = policy(ids).logits
+        assert ONEDNN_OP not in ops_run(lambda: policy(ids))
+    assert not any("forward" in m.__dict__ for m in linears(policy) + linears(reference))
+    torch.testing.assert_close(got, want, rtol=0, atol=pass_tol(want))
+    assert not torch.equal(want, torch.zeros_like(want))
+
+
+def test_the_switch_turns_the_path_off(models, monkeypatch):
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    with onednn_linears(models.policy) as routed:
+        assert routed == 0
+        assert not any("forward" in m.__dict__ for m in linears(models.policy))
+
+
+def test_sampling_gives_the_same_completions_with_and_without_onednn(models, monkeypatch):
+    texts = ["great movie", "the plot was", "awful acting and", "I loved"] * 2
+
+    def sample():
+        hidden = []
+        ids, *_ = generate(
+            models, texts, max_prompt_tokens=16, max_new_tokens=10, min_new_tokens=10,
+            temperature=1.0, top_k=0, top_p=1.0, batch_size=8,
+            seeds=[sample_seed(0, 0, i) for i in range(8)], hidden_out=hidden,
+        )  # fmt: skip
+        return ids, hidden[0]
+
+    ids, hidden = sample()
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    want_ids, want_hidden = sample()
+    # Gumbel-max draws flip only where two perturbed logits tie to within fp32 rounding
+    # (probability ~1e-6 per token here), so the tokens are equal and the states agree.
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(hidden, want_hidden, rtol=0, atol=pass_tol(want_hidden))
