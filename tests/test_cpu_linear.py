@@ -13,7 +13,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kltrain.config import ModelConfig
-from kltrain.models.cpu_linear import ENV_SWITCH, linear, onednn_linear_available, onednn_linears
+from kltrain.models.cpu_linear import (
+    ENV_SWITCH,
+    OneDNNLinear,
+    linear,
+    onednn_linear_available,
+    onednn_linears,
+)
 from kltrain.models.loading import load_models
 from kltrain.models.sampling import sample_seed
 from kltrain.rollout import generate
@@ -74,6 +80,52 @@ def test_a_call_that_needs_a_gradient_is_torchs_own_linear():
     x2, w2 = x.detach().requires_grad_(), w.detach().requires_grad_()
     torch.nn.functional.linear(x2, w2).sum().backward()
     assert torch.equal(x.grad, x2.grad) and torch.equal(w.grad, w2.grad)
+
+
+@pytest.mark.parametrize("frozen_weight", [False, True])
+def test_with_grad_the_gradients_are_the_products_to_fp32_rounding(frozen_weight):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 96, generator=g, requires_grad=True)
+    w = torch.randn(40, 96, generator=g, requires_grad=not frozen_weight)
+    b = torch.randn(40, generator=g, requires_grad=not frozen_weight)
+    grad_y = torch.randn(3, 5, 40, generator=g)
+    y = linear(x, w, b, with_grad=True)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == f"{OneDNNLinear.__name__}Backward"
+    y.backward(grad_y)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    torch.nn.functional.linear(xd, wd, bd).backward(grad_y.double())
+    gy, xa, wa = grad_y.double().abs(), xd.detach().abs(), wd.detach().abs()
+    # each gradient entry is a sum over out (∂x: 40 terms) or over the 15 rows (∂W, ∂b)
+    assert close(x.grad, xd.grad, reduction_order_tol(40, 1.0) * (gy @ wa))
+    if frozen_weight:
+        assert w.grad is None and b.grad is None
+    else:
+        flat_gy, flat_x = gy.reshape(15, 40), xa.reshape(15, 96)
+        assert close(w.grad, wd.grad, reduction_order_tol(15, 1.0) * (flat_gy.t() @ flat_x))
+        assert close(b.grad, bd.grad, reduction_order_tol(15, 1.0) * flat_gy.sum(0))
+
+
+def close(got: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> bool:
+    return bool(((got.double() - exact).abs() <= bound).all()) and exact.abs().max() > 1
+
+
+def test_with_grad_the_layer_trains_through_onednn(models):
+    policy = models.policy
+    ids = torch.tensor([[5, 6, 7, 8]])
+    want = policy(ids).logits
+    want.sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad(set_to_none=True)
+    with onednn_linears(policy, with_grad=True):
+        assert ONEDNN_OP in ops_run(lambda: policy(ids))
+        got = policy(ids).logits
+    got.sum().backward()  # after the block: the recorded OneDNNLinear nodes run their backward
+    torch.testing.assert_close(got, want, rtol=0, atol=pass_tol(want))
+    for name, p in policy.named_parameters():
+        torch.testing.assert_close(
+            p.grad, want_grads[name], rtol=0, atol=pass_tol(want_grads[name])
+        )
+    policy.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

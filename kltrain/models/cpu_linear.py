@@ -1,20 +1,26 @@
-"""oneDNN for the Linear layers of no-grad CPU forwards (decoding, the scoring passes).
+"""oneDNN for the fp32 Linear layers of CPU forwards: decoding, the scoring passes and, on one
+process or DDP, the training forward.
 
 On x86 CPUs torch computes an fp32 ``nn.Linear`` with MKL's GEMM. oneDNN's linear
 (``torch.ops.mkldnn._linear_pointwise``, the kernel torch's inductor calls for CPU linears)
 computes the same product ``y = x Wᵀ + b`` (``x [..., in]``, ``W [out, in]``, ``y [..., out]``),
 with the same weights in place (no packed copy), and is faster at the shapes of a decoding step
-(8 rows) and of a scoring pass (a few hundred rows): on 2 AMD EPYC cores, the embedded model's
-Linear layers per decoded token went 52 → 41 ms and its tied lm_head 21 → 9 ms, the body at 340
-rows 479 → 392 ms (weights streamed from memory as in a real forward, ``scripts/bench_step.py``
-has the step-level figures). The sums run in another order, so results agree with
-``torch.nn.functional.linear`` to fp32 rounding, not bit for bit.
+(8 rows) and of a scoring or training pass (a few hundred rows): on 2 AMD EPYC cores, the embedded
+model's Linear layers per decoded token went 52 → 41 ms and its tied lm_head 21 → 9 ms, the body
+at 340 rows 479 → 392 ms, with the weights streamed from memory as in a real forward
+(``scripts/bench_step.py`` has the step-level figures). The sums run in another order, so
+results agree with ``torch.nn.functional.linear`` to fp32 rounding, not bit for bit.
 
-Only where autograd is not recording: a call that needs a gradient (grad mode on and the input or
-the weight requiring one), runs under CPU autocast, is not all fp32 (oneDNN's bf16 needs CPU
-features that not every x86 machine has) or has a sharded (DTensor) weight goes to
-``torch.nn.functional.linear`` as before. ``KLTRAIN_ONEDNN_LINEAR=0`` turns the whole path off
-(to compare, or to rule it out).
+Under autograd (``with_grad``) the layer is :class:`OneDNNLinear`: the input's gradient
+``∂x = ∂y W`` is oneDNN's too (12% faster at these shapes), the weight's ``∂W = ∂yᵀ x`` and
+the bias's ``Σ ∂y`` are torch's own (MKL's is the faster there). Not under an engine that
+shards or gathers weights around the layer (FSDP2, DeepSpeed): the trainer routes the training
+forward only on one process or DDP.
+
+A call that runs under CPU autocast, is not all fp32 (oneDNN's bf16 needs CPU features that not
+every x86 machine has) or has a sharded (DTensor) weight goes to ``torch.nn.functional.linear``
+as before, and so does a call that needs a gradient outside ``with_grad``.
+``KLTRAIN_ONEDNN_LINEAR=0`` turns the whole path off (to compare, or to rule it out).
 """
 
 from __future__ import annotations
@@ -39,29 +45,65 @@ def onednn_linear_available() -> bool:
     return hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, with_grad: bool = False) -> Tensor:
     """``x Wᵀ + b`` by oneDNN where it applies (see the module docstring), else by torch."""
-    if _needs_torch(x, weight, bias):
+    if not _onednn_applies(x, weight, bias):
         return torch.nn.functional.linear(x, weight, bias)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    ):
+        if with_grad:
+            return OneDNNLinear.apply(x, weight, bias)
+        return torch.nn.functional.linear(x, weight, bias)
+    return _onednn(x, weight, bias)
+
+
+def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _needs_torch(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return True
+def _onednn_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return True
+        return False
     if bias is not None and bias.dtype != torch.float32:
-        return True
-    return torch.is_autocast_enabled("cpu") or isinstance(weight, DTensor) or isinstance(x, DTensor)
+        return False
+    return not (
+        torch.is_autocast_enabled("cpu") or isinstance(weight, DTensor) or isinstance(x, DTensor)
+    )
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """``y = x Wᵀ + b`` (``x [..., in]``, ``W [out, in]``, ``b [out]``) by oneDNN, with
+    ``∂x = ∂y W`` by oneDNN and ``∂W = ∂yᵀ x``, ``∂b = Σ ∂y`` (over every leading axis) by
+    torch. Saves what ``torch.nn.functional.linear`` saves: the input and the weight."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn(grad_y, weight.t(), None)
+        flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = flat_grad.t().mm(x.reshape(-1, x.shape[-1]))
+        if ctx.needs_input_grad[2]:
+            grad_b = flat_grad.sum(0)
+        return grad_x, grad_w, grad_b
 
 
 @contextmanager
-def onednn_linears(*models: torch.nn.Module | None) -> Iterator[int]:
+def onednn_linears(*models: torch.nn.Module | None, with_grad: bool = False) -> Iterator[int]:
     """Inside the block, every plain ``torch.nn.Linear`` of ``models`` whose weight is on the
-    CPU in fp32 computes through :func:`linear`; yields how many layers were routed (0 when
-    oneDNN is unavailable or switched off). Layers shared by several models (a peft reference
-    that is the policy with its adapters off) are routed once; all are restored on exit."""
+    CPU in fp32 computes through :func:`linear` (``with_grad``: also where autograd records,
+    as :class:`OneDNNLinear`; the backward runs it after the block too); yields how many
+    layers were routed (0 when oneDNN is unavailable or switched off). Layers shared by several
+    models (a peft reference that is the policy with its adapters off) are routed once; all are
+    restored on exit."""
     routed: list[torch.nn.Module] = []
     if onednn_linear_available():
         seen: set[int] = set()
@@ -70,7 +112,7 @@ def onednn_linears(*models: torch.nn.Module | None) -> Iterator[int]:
                 if id(module) in seen or not _routable(module):
                     continue
                 seen.add(id(module))
-                module.forward = _routed_forward(module)
+                module.forward = _routed_forward(module, with_grad)
                 routed.append(module)
     try:
         yield len(routed)
@@ -86,8 +128,8 @@ def _routable(module: torch.nn.Module) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
-def _routed_forward(module: torch.nn.Linear):
+def _routed_forward(module: torch.nn.Linear, with_grad: bool):
     def forward(x: Tensor) -> Tensor:
-        return linear(x, module.weight, module.bias)
+        return linear(x, module.weight, module.bias, with_grad)
 
     return forward

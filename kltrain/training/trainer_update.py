@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
 
 from kltrain.algorithms import TrainBatch
 from kltrain.divergence.lm_head import TokenChunk, fused_token_loss
+from kltrain.models.cpu_linear import onednn_linears
 from kltrain.models.logits import lm_head_params
 from kltrain.rollout import tempered
 from kltrain.training import distributed, fsdp
-
-#: Per-token statistics summed inside the lm_head kernel over this process's tokens (each
-#: already divided by the global token count), so the processes' sums add up to the global value.
+from kltrain.training.trainer_checkpoints import SHARDING_ENGINES
 
 #: Per-token statistics summed inside the lm_head kernel over this process's tokens (each
 #: already divided by the global token count), so the processes' sums add up to the global value.
@@ -128,7 +128,10 @@ class UpdateMixin:
             mask = torch.zeros(1, r.completion_mask.shape[1], dtype=torch.bool)
         else:
             mask = r.completion_mask[rows]
-        hidden = self.policy_forward(r.input_ids[rows], r.attention_mask[rows], r.prompt_length)
+        # oneDNN's linear where the weights stay put (not FSDP2/DeepSpeed): models/cpu_linear.py
+        sharded = self.engine in SHARDING_ENGINES
+        with nullcontext() if sharded else onednn_linears(policy, with_grad=True):
+            hidden = self.policy_forward(r.input_ids[rows], r.attention_mask[rows], r.prompt_length)
         if not mask.any():  # the engine's collectives pair up only if every process backwards
             loss = self._head_call(
                 hidden, lambda h: h.sum() * 0.0 + lm_head_params(policy)[0].sum() * 0.0
