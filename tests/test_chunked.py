@@ -246,7 +246,8 @@ def test_a_second_backward_through_the_same_loss_is_refused_not_rescaled():
 
 
 class MatmulFlops(TorchDispatchMode):
-    """Counts 2·m·k·n for every aten mm/addmm call, whatever the overload (out=, in place)."""
+    """Counts 2·m·k·n for every aten mm/addmm call, whatever the overload (out=, in place), and
+    for oneDNN's linear (fp32 on the CPU: ``x [m, k] Wᵀ``, W ``[n, k]``)."""
 
     def __init__(self):
         super().__init__()
@@ -257,6 +258,9 @@ class MatmulFlops(TorchDispatchMode):
         if name in ("mm", "addmm", "addmm_"):
             a, b = args[-2:] if name != "mm" else args[:2]
             self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        elif name == "_linear_pointwise":
+            x, w = args[:2]
+            self.flops += 2 * x.numel() * w.shape[0]
         elif name in ("bmm", "matmul", "baddbmm", "mv", "dot", "linear"):
             raise AssertionError(f"unexpected {name}")
         return func(*args, **(kwargs or {}))

@@ -13,13 +13,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kltrain.config import ModelConfig
-from kltrain.models.cpu_linear import (
-    ENV_SWITCH,
-    OneDNNLinear,
-    linear,
-    onednn_linear_available,
-    onednn_linears,
-)
+from kltrain.divergence.kernels import onednn
+from kltrain.models.cpu_linear import ENV_SWITCH, OneDNNLinear, linear, onednn_linears
 from kltrain.models.loading import load_models
 from kltrain.models.sampling import sample_seed
 from kltrain.rollout import generate
@@ -27,7 +22,7 @@ from tests.conftest import TINY_DEPTH, TINY_WIDTH, U32, gamma, reduction_order_t
 from tests.helpers.tiny import make_tiny_model_dir
 
 pytestmark = pytest.mark.skipif(
-    not onednn_linear_available(), reason="this torch build has no oneDNN linear"
+    not onednn.available(), reason="this torch build has no oneDNN linear"
 )
 ONEDNN_OP = "mkldnn::_linear_pointwise"
 

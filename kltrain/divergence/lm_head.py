@@ -35,6 +35,7 @@ from kltrain.divergence import functions
 from kltrain.divergence.functions import Divergence, as_divergence
 from kltrain.divergence.kernels import cpu as chunked_cpu
 from kltrain.divergence.kernels import cuda as chunked_cuda
+from kltrain.divergence.kernels import onednn
 
 
 @dataclass
@@ -72,7 +73,8 @@ class _Head:
 
     Half-precision operands use torch.mm(..., out_dtype=fp32) where the device has it (fp32
     accumulate and output, no bf16 rounding of logits); otherwise they are upcast once per call —
-    not per chunk — at the cost of one fp32 copy of W and of h.
+    not per chunk — at the cost of one fp32 copy of W and of h. fp32 on the CPU: the logits and
+    ``G @ W`` products are oneDNN's (:mod:`.kernels.onednn`, faster than MKL's there).
     """
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None):
@@ -83,6 +85,7 @@ class _Head:
         else:
             self.h, self.w = hidden.detach().float(), weight.detach().float()
         self.b = None if bias is None else bias.detach().to(self._acc)
+        self.onednn = onednn.applies(self.h, self.w)
 
     @property
     def _acc(self) -> torch.dtype:
@@ -93,6 +96,9 @@ class _Head:
         caching allocator makes a fresh result cheap)."""
         if self.native:
             return torch.mm(a.to(self.w.dtype), b.to(self.w.dtype), out_dtype=torch.float32)
+        if self.onednn:  # no out= there: a copy into the caller's buffer costs ~3% of the product
+            product = onednn.matmul(a, b)
+            return product if out is None else out.copy_(product)
         return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
 
     def logits(self, rows: slice, out: Tensor | None = None) -> Tensor:

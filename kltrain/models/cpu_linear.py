@@ -1,15 +1,14 @@
 """oneDNN for the fp32 Linear layers of CPU forwards: decoding, the scoring passes and, on one
 process or DDP, the training forward.
 
-On x86 CPUs torch computes an fp32 ``nn.Linear`` with MKL's GEMM. oneDNN's linear
-(``torch.ops.mkldnn._linear_pointwise``, the kernel torch's inductor calls for CPU linears)
-computes the same product ``y = x Wᵀ + b`` (``x [..., in]``, ``W [out, in]``, ``y [..., out]``),
-with the same weights in place (no packed copy), and is faster at the shapes of a decoding step
-(8 rows) and of a scoring or training pass (a few hundred rows): on 2 AMD EPYC cores, the embedded
-model's Linear layers per decoded token went 52 → 41 ms and its tied lm_head 21 → 9 ms, the body
-at 340 rows 479 → 392 ms, with the weights streamed from memory as in a real forward
-(``scripts/bench_step.py`` has the step-level figures). The sums run in another order, so
-results agree with ``torch.nn.functional.linear`` to fp32 rounding, not bit for bit.
+On x86 CPUs torch computes an fp32 ``nn.Linear`` with MKL's GEMM; oneDNN's linear
+(:mod:`kltrain.divergence.kernels.onednn`) computes the same ``y = x Wᵀ + b`` (``x [..., in]``,
+``W [out, in]``, ``y [..., out]``) on the same weights, faster at the shapes of a decoding step
+(8 rows) and of a scoring or training pass (a few hundred rows): on 2 AMD EPYC cores, the
+embedded model's Linear layers per decoded token went 52 → 41 ms and its tied lm_head 21 → 9 ms,
+the body at 340 rows 479 → 392 ms, with the weights streamed from memory as in a real forward
+(``scripts/bench_step.py`` has the step-level figures). Results agree with
+``torch.nn.functional.linear`` to fp32 rounding, not bit for bit.
 
 Under autograd (``with_grad``) the layer is :class:`OneDNNLinear`: the input's gradient
 ``∂x = ∂y W`` is oneDNN's too (12% faster at these shapes), the weight's ``∂W = ∂yᵀ x`` and
@@ -17,59 +16,35 @@ the bias's ``Σ ∂y`` are torch's own (MKL's is the faster there). Not under an
 shards or gathers weights around the layer (FSDP2, DeepSpeed): the trainer routes the training
 forward only on one process or DDP.
 
-A call that runs under CPU autocast, is not all fp32 (oneDNN's bf16 needs CPU features that not
-every x86 machine has) or has a sharded (DTensor) weight goes to ``torch.nn.functional.linear``
-as before, and so does a call that needs a gradient outside ``with_grad``.
-``KLTRAIN_ONEDNN_LINEAR=0`` turns the whole path off (to compare, or to rule it out).
+Where oneDNN does not apply (not all fp32 on the CPU, CPU autocast, a sharded weight,
+``KLTRAIN_ONEDNN_LINEAR=0``), and for a call that needs a gradient outside ``with_grad``, the
+layer computes ``torch.nn.functional.linear`` as before.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
-ENV_SWITCH = "KLTRAIN_ONEDNN_LINEAR"
+from kltrain.divergence.kernels import onednn
+from kltrain.divergence.kernels.onednn import ENV_SWITCH
 
-
-def onednn_linear_available() -> bool:
-    """Whether this torch build has oneDNN's linear and the user has not switched it off."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return False
-    if not torch.backends.mkldnn.is_available():
-        return False
-    return hasattr(torch.ops.mkldnn, "_linear_pointwise")
+__all__ = ["ENV_SWITCH", "OneDNNLinear", "linear", "onednn_linears"]
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, with_grad: bool = False) -> Tensor:
     """``x Wᵀ + b`` by oneDNN where it applies (see the module docstring), else by torch."""
-    if not _onednn_applies(x, weight, bias):
+    if not onednn.applies(x, weight, bias):
         return torch.nn.functional.linear(x, weight, bias)
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    ):
+    recorded = (t is not None and t.requires_grad for t in (x, weight, bias))
+    if torch.is_grad_enabled() and any(recorded):
         if with_grad:
             return OneDNNLinear.apply(x, weight, bias)
         return torch.nn.functional.linear(x, weight, bias)
-    return _onednn(x, weight, bias)
-
-
-def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-def _onednn_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return False
-    if bias is not None and bias.dtype != torch.float32:
-        return False
-    return not (
-        torch.is_autocast_enabled("cpu") or isinstance(weight, DTensor) or isinstance(x, DTensor)
-    )
+    return onednn.linear(x, weight, bias)
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -80,14 +55,14 @@ class OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
-        return _onednn(x, weight, bias)
+        return onednn.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn(grad_y, weight.t(), None)
+            grad_x = onednn.linear(grad_y, weight.t())
         flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = flat_grad.t().mm(x.reshape(-1, x.shape[-1]))
@@ -105,7 +80,7 @@ def onednn_linears(*models: torch.nn.Module | None, with_grad: bool = False) -> 
     models (a peft reference that is the policy with its adapters off) are routed once; all are
     restored on exit."""
     routed: list[torch.nn.Module] = []
-    if onednn_linear_available():
+    if onednn.available():
         seen: set[int] = set()
         for model in models:
             for module in () if model is None else model.modules():

@@ -1,0 +1,56 @@
+"""oneDNN's fp32 CPU linear as a plain tensor op: ``y = x Wᵀ + b`` by
+``torch.ops.mkldnn._linear_pointwise`` (the kernel torch's inductor calls for CPU linears) on the
+weights as they are, no packed copy.
+
+On x86 CPUs torch's own fp32 GEMM is MKL's; oneDNN's is faster at the shapes of an lm_head chunk
+and of a decoding step (measured on 2 AMD EPYC cores: a [256, 576] × [576, 49152] product
+110 → 88 ms, its ``G @ W`` 89 → 76 ms; :mod:`kltrain.models.cpu_linear` has the model's layers).
+The sums run in another order, so results agree with ``torch.mm`` to fp32 rounding, not bit for
+bit. No autograd: callers form gradients themselves (the chunked lm_head path) or wrap it
+(:class:`kltrain.models.cpu_linear.OneDNNLinear`).
+
+Applies to fp32 CPU tensors outside CPU autocast, not sharded (DTensor), where the torch build
+has oneDNN's linear; ``KLTRAIN_ONEDNN_LINEAR=0`` turns it off (to compare, or to rule it out).
+bf16 is left to torch: oneDNN's needs CPU features that not every x86 machine has.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+ENV_SWITCH = "KLTRAIN_ONEDNN_LINEAR"
+
+
+def available() -> bool:
+    """Whether this torch build has oneDNN's linear and the user has not switched it off."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def applies(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
+    """Whether :func:`linear` computes ``x Wᵀ + b`` for these tensors (see the module docstring)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if bias is not None and bias.dtype != torch.float32:
+        return False
+    if torch.is_autocast_enabled("cpu") or isinstance(weight, DTensor) or isinstance(x, DTensor):
+        return False
+    return available()
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x [..., in]``, ``W [out, in]``, ``b [out]`` → ``x Wᵀ + b [..., out]`` by oneDNN
+    (callers check :func:`applies`); ``W`` may be a transposed view."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a [m, k] @ b [k, n]`` by oneDNN (callers check :func:`applies`)."""
+    return linear(a, b.t())
