@@ -89,19 +89,24 @@ def run_chunked(x, divergence, chunk_size):
 
 
 def run_matmuls(x, divergence, chunk_size):
-    """Exactly the chunked path's GEMMs (same shapes, dtypes and fp32 outputs), nothing else."""
+    """Exactly the chunked path's GEMM calls (the same ``_Head`` methods, shapes, dtypes, fp32
+    outputs and buffers), nothing else."""
     from kltrain.divergence.lm_head import _Head
 
     head, ref = _Head(x["h"], x["w"], None), _Head(x["rh"], x["rw"], None)
     n = x["h"].shape[0]
     grad_w = torch.zeros(head.w.shape, dtype=torch.float32, device=head.w.device)
     grad_h = torch.empty(head.h.shape, dtype=torch.float32, device=head.h.device)
+    # the [chunk, V] logits buffers the chunked path reuses (fresh ones on a native half head)
+    v = head.w.shape[0]
+    bufs = torch.empty((2, min(chunk_size, n), v), dtype=torch.float32, device=head.w.device)
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
-        g = head.logits(rows)
-        ref.logits(rows)
-        grad_h[rows] = head.mm(g, head.w)
-        grad_w.add_(head.mm(g.t(), head.h[rows]))
+        c = rows.stop - rows.start
+        g = head.logits(rows, None if head.native else bufs[0, :c])
+        ref.logits(rows, None if ref.native else bufs[1, :c])
+        grad_h[rows] = head.mm(g, head.w, out=grad_h[rows])
+        head.add_weight_grad(grad_w, g, rows)
 
 
 RUNNERS = {"plain": run_plain, "chunked": run_chunked, "matmuls": run_matmuls}

@@ -290,22 +290,27 @@ class JensenShannon(Divergence):
     def terms_and_score(self, logp, logq):
         # As value_and_logit_grad below: one exp and one log1p serve both (the compiled CPU
         # lm_head ops fuse this; token_terms and weighted_score apart would take two of each).
-        rho = logp - logq
-        t = _LOG2 - torch.log1p(torch.exp(-rho.abs()))
-        score = 0.5 * logp.exp() * (t + rho.clamp(max=0))  # ½ π (ℓ − log m)
-        return score + 0.5 * logq.exp() * (t - rho.clamp(min=0)), score
+        a, b = _js_log_ratios_(logp - logq)
+        score = 0.5 * logp.exp() * a  # ½ π (ℓ − log m)
+        return score + 0.5 * logq.exp() * b, score
 
     def value_and_logit_grad(self, logp, logq, p):
-        # With t = log1p(e^(−|ρ|)): ℓ − log m = log 2 − t + min(ρ, 0) and ℓ_ref − log m =
-        # log 2 − t − max(ρ, 0), so D and π·f'(u) = ½π(ℓ − log m) share one exp and one log1p.
-        rho = logp - logq
-        t = torch.log1p(torch.exp(-rho.abs())).neg_().add_(_LOG2)
-        a = rho.clamp(max=0).add_(t)  # ℓ − log m
-        b = t.sub_(rho.clamp_(min=0))  # ℓ_ref − log m
+        # D and π·f'(u) = ½π(ℓ − log m) share one exp and one log1p (_js_log_ratios_).
+        a, b = _js_log_ratios_(logp - logq)
         ps = a.mul_(p).mul_(0.5)  # ½ π (ℓ − log m)
         d = ps + b.mul_(logq.exp()).mul_(0.5)
         d = d.sum(-1)
         return d, ps.addcmul_(p, ps.sum(-1, keepdim=True), value=-1.0)
+
+
+def _js_log_ratios_(rho: Tensor) -> tuple[Tensor, Tensor]:
+    """ρ = ℓ − ℓ_ref ``[..., V]`` → (ℓ − log m, ℓ_ref − log m), m = (π + π_ref)/2, from one exp
+    and one log1p: with t = log 2 − log1p(e^(−|ρ|)), ℓ − log m = t + min(ρ, 0) and
+    ℓ_ref − log m = t − max(ρ, 0), finite for every finite ρ. Overwrites ``rho`` (pass a
+    temporary): two ``[..., V]`` results and no third buffer."""
+    t = torch.log1p(torch.exp(-rho.abs())).neg_().add_(_LOG2)
+    a = rho.clamp(max=0).add_(t)
+    return a, t.sub_(rho.clamp_(min=0))
 
 
 class TotalVariation(Divergence):
