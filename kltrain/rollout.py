@@ -142,18 +142,19 @@ def generate(
         recording = last_position_hidden(policy) if hidden_out is not None else nullcontext([])
         with onednn_linears(policy):
             prompt_cache = _shared_prompt_cache(policy, prompt_ids[sl], prompt_mask[sl])
-        with onednn_linears(policy), recording as steps:
-            out = policy.generate(
-                input_ids=prompt_ids[sl],
-                attention_mask=prompt_mask[sl],
-                **prompt_cache,
-                **sampling,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=eos_ids,
-                # transformers turns this on for a sharded model (an all-reduce per token, and a
-                # hang when one process generates alone); kltrain generates on gathered weights
-                synced_gpus=False,
-            )
+            with recording as steps:  # the decoding forwards only, not the prefix's
+                out = policy.generate(
+                    input_ids=prompt_ids[sl],
+                    attention_mask=prompt_mask[sl],
+                    **prompt_cache,
+                    **sampling,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=eos_ids,
+                    # transformers turns this on for a sharded model (an all-reduce per token,
+                    # and a hang when one process generates alone); kltrain generates on
+                    # gathered weights
+                    synced_gpus=False,
+                )
         outputs.append(out[:, prompt_ids.shape[1] :])
         if hidden_out is not None:
             hiddens.append(_stack_steps(steps, outputs[-1].shape[1]))

@@ -16,6 +16,7 @@ bf16 is left to torch: oneDNN's needs CPU features that not every x86 machine ha
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,11 +28,13 @@ ENV_SWITCH = "KLTRAIN_ONEDNN_LINEAR"
 
 def available() -> bool:
     """Whether this torch build has oneDNN's linear and the user has not switched it off."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return False
-    if not torch.backends.mkldnn.is_available():
-        return False
-    return hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return os.environ.get(ENV_SWITCH, "1") != "0" and _built_with_op()
+
+
+@functools.cache
+def _built_with_op() -> bool:
+    # asked once per process: every Linear call of a decoding step goes through applies()
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def applies(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
