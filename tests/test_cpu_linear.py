@@ -19,7 +19,6 @@ from kltrain.models.loading import load_models
 from kltrain.models.sampling import sample_seed
 from kltrain.rollout import generate
 from tests.conftest import TINY_DEPTH, TINY_WIDTH, U32, gamma, reduction_order_tol
-from tests.helpers.tiny import make_tiny_model_dir
 
 pytestmark = pytest.mark.skipif(
     not onednn.available(), reason="this torch build has no oneDNN linear"
@@ -132,8 +131,8 @@ def test_other_dtypes_are_torchs_own_linear(dtype):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return load_models(ModelConfig(policy=str(make_tiny_model_dir(tmp_path_factory.mktemp("t")))))
+def models(tiny_model):
+    return load_models(ModelConfig(policy=tiny_model))
 
 
 def pass_tol(reference: torch.Tensor) -> float:
