@@ -63,11 +63,13 @@ class OneDNNLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = onednn.linear(grad_y, weight.t())
-        flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
-        if ctx.needs_input_grad[1]:
-            grad_w = flat_grad.t().mm(x.reshape(-1, x.shape[-1]))
-        if ctx.needs_input_grad[2]:
-            grad_b = flat_grad.sum(0)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # (a frozen LoRA base layer needs ∂x only: no reshape, which copies a strided ∂y)
+            flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
+            if ctx.needs_input_grad[1]:
+                grad_w = flat_grad.t().mm(x.reshape(-1, x.shape[-1]))
+            if ctx.needs_input_grad[2]:
+                grad_b = flat_grad.sum(0)
         return grad_x, grad_w, grad_b
 
 
