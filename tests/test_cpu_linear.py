@@ -1,6 +1,7 @@
-"""oneDNN's linear for no-grad CPU forwards (kltrain/models/cpu_linear.py): the same product as
-``torch.nn.functional.linear`` to fp32 rounding, autograd untouched, every plain Linear routed
-inside the context and restored after it, and sampling unchanged.
+"""oneDNN's linear for CPU fp32 layers (kltrain/models/cpu_linear.py): the same product and,
+under ``with_grad``, the same gradients as ``torch.nn.functional.linear`` to fp32 rounding,
+torch's own op for a gradient outside it, every plain Linear routed inside the context and
+restored after it, and sampling unchanged.
 
 Tolerances: each output is a dot product of ``in`` terms plus a bias; oneDNN and the float64
 reference each sum in their own order, so they differ by at most ``2·γ_in·Σ|x_k w_k|``
@@ -47,9 +48,7 @@ def test_linear_is_the_product_to_fp32_rounding(shape, with_bias):
     abs_terms = x.double().abs() @ w.double().abs().t()
     bound = reduction_order_tol(96, 1.0) * abs_terms + 2 * U32 * exact.abs()
     assert got.shape == exact.shape and got.dtype == torch.float32
-    assert ((got.double() - exact).abs() <= bound).all()
-    # not the same numbers by accident of a no-op: the product itself is far from zero
-    assert exact.abs().max() > 1
+    assert close(got, exact, bound)
 
 
 def test_linear_on_a_transposed_input():
@@ -60,7 +59,7 @@ def test_linear_on_a_transposed_input():
         got = linear(x, w, None)
     exact = x.double() @ w.double().t()
     bound = reduction_order_tol(96, 1.0) * (x.double().abs() @ w.double().abs().t())
-    assert ((got.double() - exact).abs() <= bound).all()
+    assert close(got, exact, bound)
 
 
 def test_a_call_that_needs_a_gradient_is_torchs_own_linear():
@@ -100,6 +99,8 @@ def test_with_grad_the_gradients_are_the_products_to_fp32_rounding(frozen_weight
 
 
 def close(got: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> bool:
+    """Within ``bound`` entrywise, and not by accident of a no-op: the exact values are far
+    from zero."""
     return bool(((got.double() - exact).abs() <= bound).all()) and exact.abs().max() > 1
 
 
