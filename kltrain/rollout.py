@@ -140,7 +140,9 @@ def generate(
             sampling |= {"do_sample": False, "logits_processor": LogitsProcessorList([gumbel])}
             sampling |= {"temperature": None, "top_k": None, "top_p": None}
         recording = last_position_hidden(policy) if hidden_out is not None else nullcontext([])
-        with onednn_linears(policy):
+        # decoding: small products, each weight read once per token; oneDNN's blocked copy
+        # of the weights reads faster there (models/cpu_linear.py)
+        with onednn_linears(policy, packed_rows=prompt_ids[sl].shape[0]):
             prompt_cache = _shared_prompt_cache(policy, prompt_ids[sl], prompt_mask[sl])
             with recording as steps:  # the decoding forwards only, not the prefix's
                 out = policy.generate(

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(
     not onednn.available(), reason="this torch build has no oneDNN linear"
 )
 ONEDNN_OP = "mkldnn::_linear_pointwise"
+PACK_OP = "mkldnn::_reorder_linear_weight"
 
 
 def ops_run(fn) -> set[str]:
@@ -49,6 +50,23 @@ def test_linear_is_the_product_to_fp32_rounding(shape, with_bias):
     bound = reduction_order_tol(96, 1.0) * abs_terms + 2 * U32 * exact.abs()
     assert got.shape == exact.shape and got.dtype == torch.float32
     assert close(got, exact, bound)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 37])
+def test_a_packed_weight_gives_the_product_to_fp32_rounding(rows):
+    """Packed for 8 rows, used at 8 and at other row counts (the prefill's)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(rows, 96, generator=g)
+    w = torch.randn(40, 96, generator=g)
+    b = torch.randn(40, generator=g)
+    before = w.clone()
+    packed = onednn.pack(w, 8)
+    with torch.no_grad():
+        got = onednn.linear(x, packed, b)
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    bound = reduction_order_tol(96, 1.0) * (x.double().abs() @ w.double().abs().t())
+    assert close(got, exact, bound + 2 * U32 * exact.abs())
+    assert packed.is_mkldnn and torch.equal(w, before)  # a copy; the weight is untouched
 
 
 def test_linear_on_a_transposed_input():
@@ -192,3 +210,53 @@ def test_sampling_gives_the_same_completions_with_and_without_onednn(models, mon
     # (probability ~1e-6 per token here), so the tokens are equal and the states agree.
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(hidden, want_hidden, rtol=0, atol=pass_tol(want_hidden))
+
+
+def test_packed_rows_packs_every_layer_but_the_lm_head_and_restores_them(models):
+    policy = models.policy
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    head = policy.get_output_embeddings()
+    with torch.no_grad():
+        want = policy(ids).logits
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with onednn_linears(policy, packed_rows=2) as routed:
+                got = policy(ids).logits
+    packs = {e.key: e.count for e in prof.key_averages()}.get(PACK_OP, 0)
+    assert routed == len(linears(policy)) and packs == len(linears(policy)) - 1
+    assert head in linears(policy)
+    assert not any("forward" in m.__dict__ for m in linears(policy))
+    torch.testing.assert_close(got, want, rtol=0, atol=pass_tol(want))
+    assert not torch.equal(want, torch.zeros_like(want))
+
+
+def test_inside_a_packed_block_a_call_that_needs_a_gradient_is_torchs_own(models):
+    """The packed copy has no autograd: a grad-recording call uses the weight itself."""
+    policy = models.policy
+    ids = torch.tensor([[5, 6, 7, 8]])
+    want = policy(ids).logits
+    with onednn_linears(policy, packed_rows=1):
+        got = policy(ids).logits
+        assert ONEDNN_OP not in ops_run(lambda: policy(ids))
+    assert torch.equal(got, want)
+    got.sum().backward()
+    assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
+    policy.zero_grad(set_to_none=True)
+
+
+def test_packed_rows_are_refused_for_a_block_that_records_gradients(models):
+    with pytest.raises(ValueError, match="packed_rows is for no-grad blocks"):
+        with onednn_linears(models.policy, with_grad=True, packed_rows=8):
+            pass
+
+
+def test_a_placeholder_weight_is_routed_but_not_packed():
+    """An engine's empty stand-in (ZeRO-3 outside its gathered block) is not copied: the layer
+    keeps the plain routed forward, which reads the weight at call time."""
+    layer = torch.nn.Linear(16, 8)
+    layer.weight = torch.nn.Parameter(torch.empty(0))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), layer)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        with onednn_linears(model, packed_rows=4) as routed:
+            pass
+    assert routed == 2
+    assert {e.key: e.count for e in prof.key_averages()}.get(PACK_OP, 0) == 1
