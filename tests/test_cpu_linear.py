@@ -218,9 +218,11 @@ def test_packed_rows_packs_every_layer_but_the_lm_head_and_restores_them(models)
     head = policy.get_output_embeddings()
     with torch.no_grad():
         want = policy(ids).logits
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            with onednn_linears(policy, packed_rows=2) as routed:
-                got = policy(ids).logits
+        with (
+            profile(activities=[ProfilerActivity.CPU]) as prof,
+            onednn_linears(policy, packed_rows=2) as routed,
+        ):
+            got = policy(ids).logits
     packs = {e.key: e.count for e in prof.key_averages()}.get(PACK_OP, 0)
     assert routed == len(linears(policy)) and packs == len(linears(policy)) - 1
     assert head in linears(policy)
@@ -244,9 +246,9 @@ def test_inside_a_packed_block_a_call_that_needs_a_gradient_is_torchs_own(models
 
 
 def test_packed_rows_are_refused_for_a_block_that_records_gradients(models):
-    with pytest.raises(ValueError, match="packed_rows is for no-grad blocks"):
-        with onednn_linears(models.policy, with_grad=True, packed_rows=8):
-            pass
+    refused = pytest.raises(ValueError, match="packed_rows is for no-grad blocks")
+    with refused, onednn_linears(models.policy, with_grad=True, packed_rows=8):
+        pass
 
 
 def test_a_placeholder_weight_is_routed_but_not_packed():
@@ -255,8 +257,11 @@ def test_a_placeholder_weight_is_routed_but_not_packed():
     layer = torch.nn.Linear(16, 8)
     layer.weight = torch.nn.Parameter(torch.empty(0))
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), layer)
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        with onednn_linears(model, packed_rows=4) as routed:
-            pass
+    with (
+        torch.no_grad(),
+        profile(activities=[ProfilerActivity.CPU]) as prof,
+        onednn_linears(model, packed_rows=4) as routed,
+    ):
+        pass
     assert routed == 2
     assert {e.key: e.count for e in prof.key_averages()}.get(PACK_OP, 0) == 1
