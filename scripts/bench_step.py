@@ -27,10 +27,12 @@ Configurations (``--configs``):
   ``trl.experimental`` has one), so this row has no TRL column.
 
 Reported per configuration (one JSON line each, then a markdown table): median, min and max of
-the measured step times of each side, the ratio kltrain ÷ TRL of the medians, each side's peak
-RSS (``ru_maxrss`` of its process: models, optimizer, activations), and kltrain's phases
-(generation, reference pass, policy pass, lm_head statistics, rewards, update, logging; medians)
-each set against its limit, from rates measured in this run before and after the processes:
+the measured step times of each side, the ratio kltrain ÷ TRL of the medians and of each A B
+pair's medians (the pair's two processes ran back to back, so the spread of these shows how the
+machine's load moved the ratio), each side's peak RSS (``ru_maxrss`` of its process: models,
+optimizer, activations), and kltrain's phases (generation, reference pass, policy pass, lm_head
+statistics, rewards, update, logging; medians) each set against its limit, from rates measured
+in this run before and after the processes:
 
 - generation: reading the weights once per decoding step, ``T · weight_bytes / bandwidth`` with T
   the generated length and the bandwidth of a large fp32 reduction (a read stream);
@@ -399,6 +401,7 @@ def summarise(name: str, runs: dict[str, list[dict]], rates: dict) -> dict:
         row["ratio_kltrain_over_trl"] = (
             row["kltrain"]["step_s"]["median"] / row["trl"]["step_s"]["median"]
         )
+        row["pair_ratios"] = pair_ratios(runs["kltrain"], runs["trl"])
         row["rss_ratio_kltrain_over_trl"] = (
             row["kltrain"]["peak_rss_gb"] / row["trl"]["peak_rss_gb"]
         )
@@ -406,24 +409,35 @@ def summarise(name: str, runs: dict[str, list[dict]], rates: dict) -> dict:
     return row
 
 
+def pair_ratios(kltrain: list[dict], trl: list[dict]) -> list[float]:
+    """kltrain ÷ TRL of each A B pair's median step (the two processes ran back to back): how
+    far the ratio moves with the machine's load during the run, which the medians over all
+    pairs hide."""
+
+    def median_step(result: dict) -> float:
+        return statistics.median(rec["step_s"] for rec in result["records"][1:])
+
+    return [median_step(a) / median_step(b) for a, b in zip(kltrain, trl, strict=True)]
+
+
 def markdown(rows: list[dict]) -> str:
     def span(s):
         return f"{s['median']:.2f} ({s['min']:.2f}–{s['max']:.2f})"
 
     lines = [
-        "| config | kltrain step s | TRL step s | ratio | RSS GB kltrain / TRL | "
-        + " | ".join(f"{p} s (÷ limit)" for p in PHASES)
-        + " |",
-        "|" + "---|" * (5 + len(PHASES)),
+        "| config | kltrain step s | TRL step s | ratio | ratio per A B pair | "
+        "RSS GB kltrain / TRL | " + " | ".join(f"{p} s (÷ limit)" for p in PHASES) + " |",
+        "|" + "---|" * (6 + len(PHASES)),
     ]
     for row in rows:
         k, trl = row["kltrain"], row.get("trl")
         cells = [row["config"], span(k["step_s"])]
         if trl:
             cells += [span(trl["step_s"]), f"{row['ratio_kltrain_over_trl']:.2f}"]
+            cells.append(", ".join(f"{r:.2f}" for r in row["pair_ratios"]))
             cells.append(f"{k['peak_rss_gb']:.2f} / {trl['peak_rss_gb']:.2f}")
         else:
-            cells += ["no TRL PPO trainer", "—", f"{k['peak_rss_gb']:.2f} / —"]
+            cells += ["no TRL PPO trainer", "—", "—", f"{k['peak_rss_gb']:.2f} / —"]
         for p in PHASES:
             cell = f"{k['phases_s'][p]:.2f}"
             if p in k["phase_over_limit"]:
