@@ -187,7 +187,7 @@ class EngineMixin:
         limit = max_norm if max_norm else float("inf")
         if self.engine == "fsdp2":  # sharded gradients: the norm is reduced over processes
             return fsdp.clip_gradients([p.grad for p in grads], limit)
-        return float(torch.nn.utils.clip_grad_norm_(grads, limit))
+        return clip_grad_norm(grads, limit)
 
     def _sum_across(self, value: Tensor | float) -> float:
         t = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device)
@@ -220,3 +220,16 @@ class EngineMixin:
 
 def _has_sharded_params(module: torch.nn.Module) -> bool:
     return any(fsdp.is_sharded_param(p) for p in module.parameters())
+
+
+def clip_grad_norm(params: list[Tensor], max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_(params, max_norm)``, bit for bit, without its multiply of
+    every gradient by 1.0 when the norm is within ``max_norm`` (torch multiplies regardless, to
+    spare a GPU a host sync; the caller reads the norm anyway). Returns the total 2-norm. A NaN
+    norm leaves the gradients as they are, where torch would make them all NaN: the trainer
+    discards a step with a non-finite norm either way."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if bool(max_norm / (norm + 1e-6) < 1.0):  # torch's own coefficient, clamped at 1 below
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
