@@ -375,7 +375,7 @@ def spread(values: list[float]) -> dict[str, float]:
 def summarise(name: str, runs: dict[str, list[dict]], rates: dict) -> dict:
     row: dict = {"config": name}
     for side, results in runs.items():
-        measured = [rec for res in results for rec in res["records"][1:]]  # warm-up excluded
+        measured = [rec for res in results for rec in measured_steps(res)]
         row[side] = {
             "step_s": spread([rec["step_s"] for rec in measured]),
             "peak_rss_gb": max(res["peak_rss_bytes"] for res in results) / 1e9,
@@ -415,9 +415,14 @@ def pair_ratios(kltrain: list[dict], trl: list[dict]) -> list[float]:
     pairs hide."""
 
     def median_step(result: dict) -> float:
-        return statistics.median(rec["step_s"] for rec in result["records"][1:])
+        return statistics.median(rec["step_s"] for rec in measured_steps(result))
 
     return [median_step(a) / median_step(b) for a, b in zip(kltrain, trl, strict=True)]
+
+
+def measured_steps(result: dict) -> list[dict]:
+    """A child process's step records without its first, the warm-up."""
+    return result["records"][1:]
 
 
 def markdown(rows: list[dict]) -> str:
