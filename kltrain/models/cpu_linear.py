@@ -12,8 +12,9 @@ the body at 340 rows 479 → 392 ms, with the weights streamed from memory as in
 
 For decoding (``packed_rows``), each weight is first copied into oneDNN's blocked layout for
 the batch's rows: at 8 rows the Linear layers without the lm_head then took 37 → 26 ms per token
-on the same cores, for a reorder of ~0.1 s per rollout and a transient second copy of those
-weights (the kept heap reuses it: the step's peak RSS did not move).
+on the same cores, for a reorder of ~0.1 s per rollout and a second copy of those weights while
+decoding (freed before the scoring passes and the update, which set the step's peak RSS: it did
+not move).
 
 Under autograd (``with_grad``) the layer is :class:`OneDNNLinear`: the input's gradient
 ``∂x = ∂y W`` is oneDNN's too (12% faster at these shapes), the weight's ``∂W = ∂yᵀ x`` and
