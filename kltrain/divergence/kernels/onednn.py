@@ -59,8 +59,7 @@ def pack(weight: Tensor, rows: int) -> Tensor:
     """``W [out, in]`` → a copy reordered into oneDNN's blocked layout for products with
     ``rows`` input rows (an opaque ``torch._mkldnn`` tensor that :func:`linear` takes in place
     of ``W``, for any number of rows; no autograd). Pays where one weight serves many small
-    products, as in decoding: on 2 AMD EPYC cores the embedded model's Linear layers at 8 rows
-    took 37 → 26 ms per token, for a reorder of ~0.1 s per rollout."""
+    products, as in decoding (:mod:`kltrain.models.cpu_linear` has the measured figures)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
