@@ -212,10 +212,12 @@ def test_sampling_gives_the_same_completions_with_and_without_onednn(models, mon
     torch.testing.assert_close(hidden, want_hidden, rtol=0, atol=pass_tol(want_hidden))
 
 
-def test_packed_rows_packs_every_layer_but_the_lm_head_and_restores_them(models):
+def test_packed_rows_packs_every_layer_with_siblings_stacked_and_restores_them(models):
+    """Per decoder layer one copy each for q/k/v stacked, o, gate/up stacked and down, plus
+    the lm_head's; and one product per copy in a forward."""
     policy = models.policy
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
-    head = policy.get_output_embeddings()
+    copies = 4 * policy.config.num_hidden_layers + 1
     with torch.no_grad():
         want = policy(ids).logits
         with (
@@ -223,12 +225,78 @@ def test_packed_rows_packs_every_layer_but_the_lm_head_and_restores_them(models)
             onednn_linears(policy, packed_rows=2) as routed,
         ):
             got = policy(ids).logits
-    packs = {e.key: e.count for e in prof.key_averages()}.get(PACK_OP, 0)
-    assert routed == len(linears(policy)) and packs == len(linears(policy)) - 1
-    assert head in linears(policy)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert routed == len(linears(policy)) == 7 * policy.config.num_hidden_layers + 1
+    assert counts.get(PACK_OP, 0) == copies and counts.get(ONEDNN_OP, 0) == copies
     assert not any("forward" in m.__dict__ for m in linears(policy))
     torch.testing.assert_close(got, want, rtol=0, atol=pass_tol(want))
     assert not torch.equal(want, torch.zeros_like(want))
+
+
+class Siblings(torch.nn.Module):
+    """Attention's three input projections, called in the order given."""
+
+    def __init__(self, k_bias: bool = True):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.q_proj, self.k_proj = torch.nn.Linear(96, 40), torch.nn.Linear(96, 24, bias=k_bias)
+        self.v_proj = torch.nn.Linear(96, 24)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g)
+
+    def forward(self, x, order=("q_proj", "k_proj", "v_proj")):
+        return {name: getattr(self, name)(x) for name in order}
+
+
+def assert_products(model: Siblings, x: torch.Tensor, got: dict) -> None:
+    """Each layer's output against its own product in float64, within the linear's bound."""
+    for name, out in got.items():
+        layer = getattr(model, name)
+        w, b = layer.weight.double(), layer.bias
+        exact = torch.nn.functional.linear(x.double(), w, None if b is None else b.double())
+        bound = reduction_order_tol(96, 1.0) * (x.double().abs() @ w.abs().t())
+        assert close(out, exact, bound + 2 * U32 * exact.abs()), name
+
+
+@pytest.mark.parametrize("order", [("q_proj", "k_proj", "v_proj"), ("v_proj", "q_proj", "k_proj")])
+def test_siblings_share_one_packed_product_per_input(order):
+    model = Siblings()
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), onednn_linears(model, packed_rows=3):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            got = model(x, order)
+        again = model(x, order)  # the same input once more: a product of its own, not a reuse
+    assert {e.key: e.count for e in prof.key_averages()}.get(ONEDNN_OP, 0) == 1
+    assert_products(model, x, got)
+    assert all(torch.equal(again[n], got[n]) for n in order)
+
+
+def test_a_sibling_whose_input_changed_or_differs_computes_its_own_product():
+    model = Siblings()
+    g = torch.Generator().manual_seed(2)
+    x, other = torch.randn(3, 96, generator=g), torch.randn(5, 96, generator=g)
+    with torch.no_grad(), onednn_linears(model, packed_rows=3):
+        q = model.q_proj(x)
+        x.add_(1.0)  # in place: the parts kept for the old values must not be served
+        k = model.k_proj(x)
+        v = model.v_proj(other)
+    assert_products(model, x - 1.0, {"q_proj": q})
+    assert_products(model, x, {"k_proj": k})
+    assert_products(model, other, {"v_proj": v})
+
+
+def test_siblings_with_and_without_bias_are_packed_one_by_one():
+    model = Siblings(k_bias=False)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(3))
+    with (
+        torch.no_grad(),
+        profile(activities=[ProfilerActivity.CPU]) as prof,
+        onednn_linears(model, packed_rows=3),
+    ):
+        got = model(x)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get(PACK_OP, 0) == 3 and counts.get(ONEDNN_OP, 0) == 3
+    assert_products(model, x, got)
 
 
 def test_inside_a_packed_block_a_call_that_needs_a_gradient_is_torchs_own(models):
