@@ -172,7 +172,7 @@ class _SharedProduct:
         module = self.members[index]
 
         def forward(x: Tensor) -> Tensor:
-            if torch.is_grad_enabled() or not onednn.applies(x, module.weight, module.bias):
+            if not _copy_serves(x, module):
                 return linear(x, module.weight, module.bias)
             if self.kept[index] is not None and self._kept_for(x):
                 part, self.kept[index] = self.kept[index], None
@@ -213,9 +213,14 @@ def _routed_forward(module: torch.nn.Linear, with_grad: bool):
 
 def _packed_forward(module: torch.nn.Linear, packed: Tensor):
     def forward(x: Tensor) -> Tensor:
-        weight, bias = module.weight, module.bias
-        if torch.is_grad_enabled() or not onednn.applies(x, weight, bias):
-            return linear(x, weight, bias)  # the copy has no autograd, nor another dtype
-        return onednn.linear(x, packed, bias)
+        if not _copy_serves(x, module):
+            return linear(x, module.weight, module.bias)
+        return onednn.linear(x, packed, module.bias)
 
     return forward
+
+
+def _copy_serves(x: Tensor, module: torch.nn.Linear) -> bool:
+    """Whether a packed copy of ``module``'s weight can compute this call: it has no autograd,
+    nor another dtype."""
+    return not torch.is_grad_enabled() and onednn.applies(x, module.weight, module.bias)
